@@ -5,11 +5,16 @@ surgery (``swap_convs``, ``fuse_model``, ``find_sites``), backbones (``load_back
 calibration (``calibrate``). ``plugconv`` never imports gradio, matplotlib, plotly or captum.
 """
 
+from plugconv.backbones import Backbone, WeightsInfo, list_backbones, load_backbone
 from plugconv.base import ConvVariant, Tap
 from plugconv.registry import UnknownVariantError, create_conv, get_conv, list_convs, register_conv
 from plugconv.surgery import Site, SwapResult, find_sites, fuse_model, swap_convs
 
 __all__ = [
+    "Backbone",
+    "WeightsInfo",
+    "list_backbones",
+    "load_backbone",
     "ConvVariant",
     "Site",
     "SwapResult",
