@@ -1,0 +1,485 @@
+"""``analyze()``: one recorded pass per model, then ERF, redundancy and the (cached) cost profile.
+
+For each model: ONE instrumented forward over the batch of images and ONE ``autograd.grad`` give
+the predictions, Grad-CAM at every chosen layer, the taps and the activations for redundancy.
+Then the effective receptive field (its own truncated forward + backward, analysis.md §2.1) and
+the cost profile (a separate unhooked pass; image-independent, cached per model, device and input
+size). Everything returned is raw (CPU tensors / numpy); figures normalise for display only.
+"""
+
+from __future__ import annotations
+
+import time
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from viz.gradcam import CamMap, cam_from_record, summarize
+from viz.models import ModelEntry, default_layers, stage_names
+from viz.recorder import Record, Recorder
+from viz.taps import TapSummary, summarize_taps
+
+if TYPE_CHECKING:  # pragma: no cover
+    from PIL import Image
+
+    from plugconv.backbones import Backbone
+    from viz.erf import ErfResult
+
+Progress = Callable[[float, str], None]
+
+
+@dataclass
+class ModelResult:
+    """Everything analysed for one model.
+
+    Attributes:
+        label, variant: from the ``ModelEntry``.
+        swap: ``SwapResult.to_dict()`` (swapped / skipped with reasons / provenance / exact).
+        record: the raw :class:`viz.recorder.Record` (logits, activations, gradients, taps).
+        cams: layer -> :class:`viz.gradcam.CamMap` (raw signed maps at layer resolution).
+        taps: tap summaries (:class:`viz.taps.TapSummary`) in forward order.
+        topk: per image, ``[(label, prob), ...]`` (softmax of the logits).
+        redundancy: layer -> ``viz.redundancy.redundancy_metrics`` dict (or ``{"error": ...}``).
+        erf: :class:`viz.erf.ErfResult` or None.
+        theoretical_rf: ``viz.rf.theoretical_rf`` dict at the ERF layer, or None.
+        cost: ``{"params", "flops", "macs", "latency_ms", "layers": {name: {...}}, "labels": {...}}`` or None.
+        timings: seconds per phase (record, backward, erf, profile, render).
+        errors: phase -> message for optional phases that failed (never raised).
+    """
+
+    label: str
+    variant: str
+    swap: dict[str, Any]
+    record: Record
+    cams: dict[str, CamMap]
+    taps: list[TapSummary]
+    topk: list[list[tuple[str, float]]]
+    redundancy: dict[str, dict] = field(default_factory=dict)
+    erf: ErfResult | None = None
+    theoretical_rf: dict | None = None
+    cost: dict | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Analysis:
+    """Result of :func:`analyze`: raw data for figures plus ``to_dict()`` for report.json.
+
+    Attributes:
+        backbone: backbone name.
+        weights: backbone weight provenance (``WeightsInfo.to_dict()``).
+        device: device string the passes ran on.
+        input_size: H = W of the analysis crop.
+        images: the S×S RGB crops the models saw (PIL), for overlays.
+        layers: the Grad-CAM / redundancy layers (module paths, stage outputs by default).
+        targets: the class index per image every model's Grad-CAM explains.
+        target_rule: how ``targets`` were chosen.
+        categories: class names.
+        models: one :class:`ModelResult` per entry, in order.
+        cka: layer -> {label: CKA(first model, that model)} over positions.
+        erf_layer: the stage whose ERF was computed.
+        timings: global phases (load).
+        files: figure/file paths filled in by ``viz.report.write_report`` (key -> relative path).
+    """
+
+    backbone: str
+    weights: dict[str, Any]
+    device: str
+    input_size: int
+    images: list[Image.Image]
+    layers: list[str]
+    targets: tuple[int, ...]
+    target_rule: str
+    categories: tuple[str, ...]
+    models: list[ModelResult]
+    cka: dict[str, dict[str, float]] = field(default_factory=dict)
+    erf_layer: str | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    files: dict[str, str] = field(default_factory=dict)
+
+    def label_of(self, cls: int) -> str:
+        """Category name of class ``cls`` (or ``"class N"``)."""
+        return self.categories[cls] if 0 <= cls < len(self.categories) else f"class {cls}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The report.json structure (see the module docstring of ``viz.report``)."""
+        models = []
+        for m in self.models:
+            d: dict[str, Any] = {
+                "label": m.label,
+                "variant": m.variant,
+                "swapped": list(m.swap.get("swapped", [])),
+                "skipped": list(m.swap.get("skipped", [])),
+                "exact": m.swap.get("exact"),
+                "provenance": dict(m.swap.get("provenance", {})),
+                "top5": [{"label": lbl, "prob": p} for lbl, p in (m.topk[0] if m.topk else [])],
+                "top5_per_image": [[{"label": lbl, "prob": p} for lbl, p in t] for t in m.topk],
+                "params": None, "flops": None, "macs": None, "latency_ms": None,
+                "layers": [],
+                "gradcam": [],
+                "taps": [],
+                "erf": None,
+                "theoretical_rf": _jsonable(m.theoretical_rf),
+                "timings": {k: round(v, 4) for k, v in m.timings.items()},
+                "errors": dict(m.errors),
+                "notes": list(m.record.notes),
+            }
+            cost = m.cost or {}
+            for k in ("params", "flops", "macs", "latency_ms"):
+                d[k] = cost.get(k)
+            d["cost_labels"] = _jsonable(cost.get("labels"))
+            per_layer = cost.get("layers", {}) or {}
+            for layer in self.layers:
+                row = {"name": layer}
+                c = per_layer.get(layer, {})
+                row.update({k: c.get(k) for k in ("params", "flops", "latency_ms")})
+                row["redundancy"] = _jsonable(m.redundancy.get(layer))
+                d["layers"].append(row)
+            for layer, cam in m.cams.items():
+                s = summarize(cam)
+                s["png"] = self.files.get(f"gradcam/{m.label}/{layer}")
+                d["gradcam"].append(s)
+            for t in m.taps:
+                td = t.to_dict()
+                td["png"] = self.files.get(f"tap/{m.label}/{t.name}")
+                d["taps"].append(td)
+            if m.erf is not None:
+                d["erf"] = m.erf.to_dict()
+                d["erf"]["png"] = self.files.get(f"erf/{m.label}")
+            models.append(d)
+        return {
+            "backbone": self.backbone,
+            "weights": self.weights,
+            "device": self.device,
+            "input_size": self.input_size,
+            "n_images": len(self.images),
+            "layers": list(self.layers),
+            "target": {
+                "classes": list(self.targets),
+                "labels": [self.label_of(c) for c in self.targets],
+                "rule": self.target_rule,
+                "score": "pre-softmax logit",
+            },
+            "erf_layer": self.erf_layer,
+            "cka": _jsonable(self.cka),
+            "timings": {k: round(v, 4) for k, v in self.timings.items()},
+            "models": models,
+            "figures": {k: v for k, v in self.files.items() if k.startswith("figure/")},
+        }
+
+
+def _jsonable(x: Any) -> Any:
+    """Plain JSON types (numpy / torch scalars and arrays converted, tuples -> lists, NaN -> None)."""
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, torch.Tensor):
+        return _jsonable(x.tolist() if x.dim() else x.item())
+    if isinstance(x, np.ndarray):
+        return _jsonable(x.tolist())
+    if isinstance(x, np.generic):
+        return _jsonable(x.item())
+    if isinstance(x, float):
+        return None if (x != x or x in (float("inf"), float("-inf"))) else x
+    if x is None or isinstance(x, (bool, int, str)):
+        return x
+    if hasattr(x, "to_dict"):
+        return _jsonable(x.to_dict())
+    return str(x)
+
+
+# --- cost cache -------------------------------------------------------------------------------
+_COST_CACHE: weakref.WeakKeyDictionary[nn.Module, dict[tuple[str, int], dict]] = weakref.WeakKeyDictionary()
+
+
+def _module_rows(report: Any) -> dict[str, Any]:
+    """Best-effort per-module mapping from a viz.cost report (object with a dict attribute or a dict)."""
+    if report is None:
+        return {}
+    if isinstance(report, dict):
+        for key in ("per_module", "modules", "layers", "per_layer"):
+            if isinstance(report.get(key), dict):
+                return report[key]
+        return {}
+    for key in ("per_module", "modules", "layers", "per_layer", "exclusive", "inclusive"):
+        v = getattr(report, key, None)
+        if isinstance(v, dict):
+            return v
+    return {}
+
+
+def _num(x: Any) -> float | None:
+    if x is None:
+        return None
+    if isinstance(x, (int, float, np.generic)):
+        return float(x)
+    if isinstance(x, dict):
+        for key in ("total", "flops", "params", "median_ms", "ms", "value"):
+            if key in x:
+                return _num(x[key])
+    for key in ("total", "flops", "median_ms", "median"):
+        if hasattr(x, key):
+            return _num(getattr(x, key))
+    return None
+
+
+def profile_model(
+    model: nn.Module,
+    x: torch.Tensor,
+    *,
+    layers: Sequence[str] = (),
+    latency: bool = True,
+    repeats: int = 10,
+    warmup: int = 3,
+    cache: bool = True,
+) -> dict[str, Any]:
+    """Cost of ``model`` at input ``x`` (1×3×S×S): params, FLOPs (dispatcher count), latency.
+
+    Uses ``viz.cost`` (params, FLOPs with ``FlopCounterMode`` under no_grad, latency from a
+    separate unhooked pass). Image-independent, so cached per (model, device, input size,
+    latency on/off) for as long as the model lives.
+
+    Returns:
+        ``{"params": int, "flops": float, "macs": float, "latency_ms": float | None,
+        "layers": {name: {"params", "flops", "latency_ms"}}, "labels": {...}, "raw": {...}}``;
+        ``layers`` covers every module path the cost reports name (stages included).
+    """
+    key = (str(x.device), int(x.shape[-1]), bool(latency))
+    if cache:
+        hit = _COST_CACHE.get(model, {}).get(key)
+        if hit is not None:
+            return hit
+    from viz import cost as vcost
+
+    out: dict[str, Any] = {"layers": {}, "labels": {}}
+    params = vcost.count_params(model)
+    prow = _module_rows(params)
+    out["params"] = _num(params.get("total") if isinstance(params, dict) else getattr(params, "total", None))
+    flops = vcost.count_flops(model, x)
+    frow = _module_rows(flops)
+    out["flops"] = _num(getattr(flops, "total", None) if not isinstance(flops, dict) else flops.get("total"))
+    out["macs"] = None if out["flops"] is None else out["flops"] / 2
+    uncounted = getattr(flops, "uncounted", None) if not isinstance(flops, dict) else flops.get("uncounted")
+    out["labels"]["flops"] = "FLOPs (2 per MAC), conv/matmul only (partial)" if uncounted else "FLOPs (2 per MAC)"
+    if uncounted:
+        out["labels"]["uncounted_ops"] = _jsonable(uncounted)
+    lrow: dict[str, Any] = {}
+    out["latency_ms"] = None
+    if latency:
+        lat = vcost.measure_latency(model, x, repeats=repeats, warmup=warmup, per_layer=True)
+        lrow = _module_rows(lat)
+        med = getattr(lat, "median_ms", None) if not isinstance(lat, dict) else lat.get("median_ms")
+        out["latency_ms"] = _num(med if med is not None else lat)
+        labels = getattr(lat, "labels", None) if not isinstance(lat, dict) else lat.get("labels")
+        out["labels"]["latency"] = _jsonable(labels)
+    names = set(layers) | set(prow) | set(frow) | set(lrow)
+    for n in names:
+        out["layers"][n] = {"params": _num(prow.get(n)), "flops": _num(frow.get(n)), "latency_ms": _num(lrow.get(n))}
+    out["raw"] = {"params": _jsonable(params), "flops": _jsonable(flops), "latency": _jsonable(lrow and lat)}
+    if cache:
+        _COST_CACHE.setdefault(model, {})[key] = out
+    return out
+
+
+# --- the pass ---------------------------------------------------------------------------------
+def prepare_inputs(images: Sequence[Image.Image], backbone: Backbone) -> tuple[torch.Tensor, list[Image.Image]]:
+    """N×3×S×S normalised batch on the backbone's device and the S×S crops the model sees."""
+    if not images:
+        raise ValueError("analyze() needs at least one image")
+    xs, crops = [], []
+    for im in images:
+        x, crop = backbone.prepare_input(im)
+        xs.append(x)
+        crops.append(crop)
+    return torch.cat(xs, 0), crops
+
+
+def _topk(logits: torch.Tensor, categories: Sequence[str], k: int) -> list[list[tuple[str, float]]]:
+    probs = logits.double().softmax(-1)
+    k = min(k, probs.shape[-1])
+    vals, idx = probs.topk(k, dim=-1)
+    out = []
+    for v, i in zip(vals.tolist(), idx.tolist()):
+        out.append([(categories[j] if j < len(categories) else f"class {j}", float(p)) for p, j in zip(v, i)])
+    return out
+
+
+def _resolve_layers(model: nn.Module, backbone_name: str, layers: Sequence[str] | None) -> list[str]:
+    if layers:
+        return list(layers)
+    names = dict(model.named_modules())
+    st = [s for s in stage_names(backbone_name) if s in names]
+    return st or default_layers(model)
+
+
+def analyze(
+    images: Sequence[Image.Image],
+    backbone: Backbone,
+    entries: Sequence[ModelEntry],
+    *,
+    layers: Sequence[str] | None = None,
+    target: int | None = None,
+    topk: int = 5,
+    erf: bool = True,
+    redundancy: bool = True,
+    profile: bool = True,
+    progress: Progress | None = None,
+    erf_layer: str | None = None,
+    latency: bool = True,
+) -> Analysis:
+    """Analyse ``images`` with every model in ``entries``.
+
+    Args:
+        images: RGB PIL images (any size; ``backbone.prepare_input`` resizes/crops them).
+        backbone: the ``Backbone`` the entries were prepared from (preprocessing, categories).
+        entries: prepared models (:func:`viz.models.prepare_model`); the first is the reference
+            for CKA and, when ``target`` is None, for the explained class.
+        layers: module paths for Grad-CAM and redundancy (default: the stage outputs, e.g.
+            ResNet ``layer1..4``, EfficientNet ``blocks.0..6``).
+        target: class explained by every Grad-CAM (pre-softmax logit); None = per image, the
+            first model's top-1 class (so all models explain the same class).
+        topk: predictions kept per image and model.
+        erf: compute the effective receptive field at ``erf_layer`` (default: the last layer).
+        redundancy: redundancy metrics per layer and CKA (first model vs each) per layer.
+        profile: params / FLOPs / latency (cached per model, device, input size).
+        progress: ``progress(fraction in [0, 1], message)``.
+        erf_layer: stage for the ERF.
+        latency: include latency in the profile (a separate timed pass).
+
+    Returns:
+        Analysis: raw data plus ``to_dict()``.
+
+    Raises:
+        ValueError: no images, no entries, target out of range.
+        KeyError: a layer that is not in a model (message lists the choices).
+    """
+    if not entries:
+        raise ValueError("analyze() needs at least one model entry")
+    report = progress or (lambda f, m: None)
+    t0 = time.perf_counter()
+    x, crops = prepare_inputs(images, backbone)
+    t_load = time.perf_counter() - t0
+    cats = tuple(getattr(backbone, "categories", ()) or ())
+    if target is not None and cats and not 0 <= int(target) < len(cats):
+        raise ValueError(f"target class {target} out of range [0, {len(cats)})")
+    chosen = _resolve_layers(entries[0].model, backbone.name, layers)
+    erf_at = erf_layer or (chosen[-1] if chosen else None)
+    steps = len(entries) * (1 + int(erf) + int(profile))
+    done = 0
+    results: list[ModelResult] = []
+    targets: tuple[int, ...] | None = None if target is None else tuple([int(target)] * x.shape[0])
+    rule = "first model's top-1 per image" if target is None else "given"
+
+    for entry in entries:
+        timings: dict[str, float] = {}
+        errors: dict[str, str] = {}
+        report(done / steps, f"{entry.label}: recording")
+        with entry.lock:
+            t = time.perf_counter()
+            with Recorder(entry.model, layers=chosen, taps="*") as rec, torch.enable_grad():
+                entry.model(x)
+            timings["record"] = time.perf_counter() - t
+            t = time.perf_counter()
+            if targets is None:
+                record = rec.finish(target=None)
+                targets = record.targets
+            else:
+                record = rec.finish(target=list(targets))
+            timings["backward"] = time.perf_counter() - t
+        cams = {}
+        for layer in chosen:
+            try:
+                cams[layer] = cam_from_record(record, layer)
+            except ValueError as e:
+                errors[f"gradcam/{layer}"] = str(e)
+        taps = summarize_taps(record, entry.model)
+        red: dict[str, dict] = {}
+        if redundancy:
+            t = time.perf_counter()
+            try:
+                from viz.redundancy import redundancy_metrics
+
+                for layer in chosen:
+                    red[layer] = redundancy_metrics(record.activation(layer))
+            except Exception as e:  # optional phase: report, never crash
+                errors["redundancy"] = f"{type(e).__name__}: {e}"
+            timings["redundancy"] = time.perf_counter() - t
+        done += 1
+        res = ModelResult(
+            label=entry.label, variant=entry.variant, swap=entry.swap.to_dict(), record=record, cams=cams,
+            taps=taps, topk=_topk(record.logits, cats, topk), redundancy=red, timings=timings, errors=errors,
+        )
+        if erf and erf_at is not None:
+            report(done / steps, f"{entry.label}: effective receptive field at {erf_at}")
+            t = time.perf_counter()
+            try:
+                from viz.erf import effective_receptive_field
+
+                with entry.lock:
+                    res.erf = effective_receptive_field(entry.model, erf_at, x)
+            except Exception as e:
+                errors["erf"] = f"{type(e).__name__}: {e}"
+            try:
+                from viz.rf import theoretical_rf
+
+                res.theoretical_rf = theoretical_rf(entry.model, erf_at, int(x.shape[-1]))
+            except Exception as e:
+                errors["theoretical_rf"] = f"{type(e).__name__}: {e}"
+            timings["erf"] = time.perf_counter() - t
+            done += 1
+        if profile:
+            report(done / steps, f"{entry.label}: cost profile")
+            t = time.perf_counter()
+            try:
+                with entry.lock:
+                    res.cost = profile_model(entry.model, x[:1], layers=chosen, latency=latency)
+            except Exception as e:
+                errors["profile"] = f"{type(e).__name__}: {e}"
+            timings["profile"] = time.perf_counter() - t
+            done += 1
+        results.append(res)
+
+    cka: dict[str, dict[str, float]] = {}
+    if redundancy and len(results) > 1:
+        try:
+            from viz.redundancy import linear_cka
+
+            ref = results[0]
+            for layer in chosen:
+                a = ref.record.activation(layer)
+                xa = a.permute(0, 2, 3, 1).reshape(-1, a.shape[1])
+                row = {}
+                for r in results[1:]:
+                    b = r.record.activation(layer)
+                    if b.shape[0] != a.shape[0] or b.shape[2:] != a.shape[2:]:
+                        continue
+                    yb = b.permute(0, 2, 3, 1).reshape(-1, b.shape[1])
+                    row[r.label] = float(linear_cka(xa, yb))
+                cka[layer] = row
+        except Exception as e:
+            for r in results:
+                r.errors["cka"] = f"{type(e).__name__}: {e}"
+    report(1.0, "done")
+    weights = backbone.weights.to_dict() if hasattr(getattr(backbone, "weights", None), "to_dict") else {}
+    return Analysis(
+        backbone=backbone.name,
+        weights=weights,
+        device=str(x.device),
+        input_size=int(x.shape[-1]),
+        images=crops,
+        layers=chosen,
+        targets=tuple(targets or ()),
+        target_rule=rule,
+        categories=cats,
+        models=results,
+        cka=cka,
+        erf_layer=erf_at if erf else None,
+        timings={"load": t_load},
+    )
