@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import inspect
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -266,9 +267,9 @@ def swap_convs(
             skipped.append((name, "not reached by a forward pass"))
             continue
         bn = work.get_submodule(site.bn_name) if (cls.absorbs_bn and site.bn_name) else None
-        reason = cls.check(site.conv, bn)
+        reason = cls.check(site.conv, bn, **_accepted(cls.check, options))
         if reason is None and site.input_hw is not None:
-            reason = cls.check_input(site.conv, site.input_hw)
+            reason = cls.check_input(site.conv, site.input_hw, **_accepted(cls.check_input, options))
         if reason is not None:
             skipped.append((name, reason))
             continue
@@ -283,6 +284,15 @@ def swap_convs(
         provenance[name] = "exact" if cls.exact_transfer else "initialised"
     exact = all(v == "exact" for v in provenance.values())
     return SwapResult(work, variant, tuple(swapped), tuple(skipped), exact, provenance, dict(options))
+
+
+def _accepted(fn: Any, options: dict[str, Any]) -> dict[str, Any]:
+    """The subset of ``options`` that ``fn`` accepts (all of them if it takes ``**kwargs``)."""
+    params = inspect.signature(fn).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return options
+    names = {p.name for p in params}
+    return {k: v for k, v in options.items() if k in names}
 
 
 def fuse_model(model: nn.Module, *, inplace: bool = False) -> nn.Module:
