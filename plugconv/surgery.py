@@ -279,7 +279,7 @@ def swap_convs(
         new.train(site.conv.training)
         _set_module(work, name, new)
         if bn is not None and site.bn_name is not None:
-            _set_module(work, site.bn_name, _bn_remainder(bn))
+            _set_module(work, site.bn_name, _bn_remainder(bn).train(bn.training))  # keep eval mode
         swapped.append(name)
         provenance[name] = "exact" if cls.exact_transfer else "initialised"
     exact = all(v == "exact" for v in provenance.values())
