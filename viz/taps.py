@@ -113,16 +113,23 @@ def summarize_tap(t: TapRecord) -> TapSummary:
         s.stats.update({"informative_fraction": float(inf.double().mean()), "rule": "W > 0.5 → informative",
                         "informative_fraction_per_channel": [round(float(c), 4) for c in per_c]})
     elif t.kind == "channel_weights":
-        flat = v.reshape(v.shape[0], -1) if v.dim() >= 2 else v.reshape(1, -1)
-        s.channels = flat.double().mean(0).float().numpy()
-        s.stats["mean"] = float(flat.double().mean())
-        if t.variant == "scconv" and "cru" in t.local and flat.shape[1] % 2 == 0:
-            c = flat.shape[1] // 2
-            tot = flat.double().sum(1).clamp_min(1e-12)
-            s.stats["mass_y1"] = float((flat[:, :c].double().sum(1) / tot).mean())
-            s.stats["mass_y2"] = float((flat[:, c:].double().sum(1) / tot).mean())
-        if t.variant == "spconv":
-            s.stats["mean_beta" if not any(k in t.local for k in ("gamma", "redund")) else "mean_gamma"] = s.stats["mean"]
+        if v.dim() == 3 and v.shape[1] == 2:
+            # paired weights N×2×C: [beta, gamma] (SPConv) or [beta1, beta2] (SCConv CRU, channel mode)
+            first, second = v[:, 0].double(), v[:, 1].double()
+            s.channels = first.mean(0).float().numpy()
+            names = ("beta", "gamma") if t.variant == "spconv" else ("beta1", "beta2")
+            s.stats.update({f"mean_{names[0]}": float(first.mean()), f"mean_{names[1]}": float(second.mean())})
+            if t.variant == "spconv":
+                s.stats["rule"] = "beta weighs the representative branch Y3, gamma the redundant branch Y1"
+        else:
+            flat = v.reshape(v.shape[0], -1) if v.dim() >= 2 else v.reshape(1, -1)
+            s.channels = flat.double().mean(0).float().numpy()
+            s.stats["mean"] = float(flat.double().mean())
+            if t.variant == "scconv" and "cru" in t.local and flat.shape[1] % 2 == 0:
+                c = flat.shape[1] // 2
+                tot = flat.double().sum(1).clamp_min(1e-12)
+                s.stats["mass_y1"] = float((flat[:, :c].double().sum(1) / tot).mean())
+                s.stats["mass_y2"] = float((flat[:, c:].double().sum(1) / tot).mean())
     elif t.kind == "spatial_gate" and t.variant == "selfcal":
         s.stats["display"] = "channel mean of σ(X1 + Up(K2(T1)))"
     if t.kind == "branch":
@@ -134,14 +141,14 @@ def summarize_taps(record: Record, model: nn.Module | None = None) -> list[TapSu
     """Summaries of every tap in ``record`` (forward order), with per-site branch energy shares.
 
     Adds to each ``branch`` tap ``stats["energy_share"]`` = ‖b_i‖² / Σ_j ‖b_j‖² over the branch taps
-    of the same site, and to self-calibrated calibration maps a note when the site's low-resolution
+    of the same site and shape (ACB's three branches; SAConv small / large; SCConv Y1 / Y2), and to self-calibrated calibration maps a note when the site's low-resolution
     map is 1×1 (channel attention, not spatial).
     """
     out = [summarize_tap(t) for t in record.taps.values()]
     by_site: dict[str, list[TapSummary]] = {}
     for s in out:
         if s.kind == "branch":
-            by_site.setdefault(s.site or s.name, []).append(s)
+            by_site.setdefault(f"{s.site or s.name}|{s.shape}", []).append(s)
     for group in by_site.values():
         tot = sum(s.stats["energy"] for s in group)
         for s in group:

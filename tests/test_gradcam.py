@@ -1,0 +1,88 @@
+"""Grad-CAM: captum oracle (raw signed maps), colour modes and degenerate maps."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torchvision.models import resnet18
+
+from viz.gradcam import cam_from_record, color_limits, gradcam, map_status, upsample
+from viz.models import make_analysis_copy
+from viz.recorder import Recorder
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return make_analysis_copy(resnet18(num_classes=10))
+
+
+@pytest.mark.parametrize("layer", ["layer3", "layer4", "layer2.1.conv2"])
+def test_matches_captum_layergradcam(model, layer):
+    captum_attr = pytest.importorskip("captum.attr")
+    torch.manual_seed(1)
+    x = torch.randn(2, 3, 64, 64)
+    target = 7
+    with Recorder(model, layers=[layer]) as rec:
+        model(x)
+    ours = cam_from_record(rec.finish(target=target), layer)
+    oracle = captum_attr.LayerGradCam(model, model.get_submodule(layer)).attribute(x, target=target)
+    assert oracle.shape == (2, 1) + tuple(ours.raw.shape[1:])
+    ref = oracle[:, 0].detach()
+    assert (ref < 0).any(), "the oracle map should be signed (relu_attributions=False)"
+    torch.testing.assert_close(ours.raw, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+    assert ours.targets == (target, target)
+    torch.testing.assert_close(ours.relu, ref.clamp_min(0), rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+
+
+def test_methods_known_answer():
+    a = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]], [[0.0, 1.0], [0.0, 1.0]]]])  # 1×2×2×2
+    g = torch.tensor([[[[1.0, 1.0], [1.0, 1.0]], [[-2.0, 2.0], [0.0, -4.0]]]])
+    m, alpha = gradcam(a, g)
+    torch.testing.assert_close(alpha, torch.tensor([[1.0, -1.0]]))
+    torch.testing.assert_close(m, torch.tensor([[[1.0, 1.0], [3.0, 3.0]]]))
+    hires, _ = gradcam(a, g, method="hirescam")
+    torch.testing.assert_close(hires, torch.tensor([[[1.0, 4.0], [3.0, 0.0]]]))
+    layer, _ = gradcam(a, g, method="layercam")
+    torch.testing.assert_close(layer, torch.tensor([[[1.0, 4.0], [3.0, 4.0]]]))
+    with pytest.raises(ValueError, match="unknown CAM method 'x'"):
+        gradcam(a, g, method="x")
+
+
+def test_upsample_is_bilinear_align_corners_false():
+    m = torch.arange(16.0).reshape(4, 4)
+    up = upsample(m, 16)
+    ref = F.interpolate(m[None, None], size=(16, 16), mode="bilinear", align_corners=False)[0, 0].numpy()
+    np.testing.assert_allclose(up, ref)
+    assert not np.allclose(up, F.interpolate(m[None, None], size=(16, 16), mode="nearest")[0, 0].numpy())
+
+
+def test_colour_modes():
+    panels = {("a", "l1"): np.array([[-1.0, 2.0]]), ("b", "l1"): np.array([[0.5, -4.0]]),
+              ("a", "l2"): np.array([[10.0, 0.0]])}
+    group = {k: k[1] for k in panels}
+    per = color_limits(panels, mode="per-panel", group=group)
+    assert per[("a", "l1")].vmax == 2.0 and per[("a", "l1")].vmin == -2.0 and per[("b", "l1")].vmax == 4.0
+    shared = color_limits(panels, mode="shared", group=group)
+    assert shared[("a", "l1")].vmax == shared[("b", "l1")].vmax == 4.0 and shared[("a", "l2")].vmax == 10.0
+    glob = color_limits(panels, mode="global", group=group)
+    assert {v.vmax for v in glob.values()} == {10.0}
+    seq = color_limits({k: np.clip(v, 0, None) for k, v in panels.items()}, mode="per-panel", signed=False)
+    assert seq[("b", "l1")].vmin == 0.0 and seq[("b", "l1")].vmax == 0.5 and seq[("b", "l1")].cmap == "viridis"
+    assert shared[("a", "l1")].cmap == "RdBu_r"
+    assert "±4" in shared[("a", "l1")].legend() and "shared" in shared[("a", "l1")].legend()
+    with pytest.raises(ValueError, match="unknown colour mode 'local'"):
+        color_limits(panels, mode="local")
+
+
+def test_degenerate_maps_are_labelled_not_stretched():
+    neg = np.full((3, 3), -1.0)
+    neg[0, 0] = -0.25
+    assert map_status(neg, relu=True) == "all values ≤ 0 (max = -0.25)"
+    assert map_status(np.full((2, 2), 3.0), relu=False) == "constant (= 3)"
+    lim = color_limits({"x": np.zeros((3, 3))}, mode="per-panel", signed=False, raw={"x": neg})["x"]
+    assert lim.vmax > 0 and lim.vmax < 1e-9  # guarded, not a division by zero
+    assert lim.status.startswith("all values ≤ 0")
+    assert "all values ≤ 0" in lim.legend()

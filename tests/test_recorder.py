@@ -1,0 +1,189 @@
+"""Recorder hygiene: observe-only hooks, scoped removal, in-place refusal, reused modules, no leaks, locks."""
+
+from __future__ import annotations
+
+import gc
+import threading
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torchvision.models import resnet18
+from torchvision.models.resnet import Bottleneck
+
+from plugconv.backbones import Backbone, WeightsInfo
+from viz.models import make_analysis_copy, prepare_model
+from viz.recorder import Recorder
+
+
+def _tiny_backbone(size: int = 64) -> Backbone:
+    torch.manual_seed(0)
+    model = resnet18(num_classes=10).eval()
+    return Backbone("resnet18", model, size, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225),
+                    tuple(f"c{i}" for i in range(10)), WeightsInfo("random", None, None, "test"), torch.device("cpu"))
+
+
+def _no_hooks(model: nn.Module) -> bool:
+    return all(not m._forward_hooks and not m._forward_pre_hooks and not m._backward_hooks
+               for m in model.modules())
+
+
+@pytest.fixture(scope="module")
+def entry():
+    return prepare_model(_tiny_backbone(), "conv")
+
+
+def test_logits_bit_identical_and_hooks_removed(entry):
+    torch.manual_seed(1)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        plain = entry.model(x)
+    with Recorder(entry.model, layers=["layer1", "layer2", "layer3", "layer4"]) as rec:
+        logits = entry.model(x)
+    assert _no_hooks(entry.model)
+    record = rec.finish()
+    assert torch.equal(plain, logits.detach())
+    assert torch.equal(plain, record.logits)
+    assert record.targets == tuple(plain.argmax(1).tolist())
+    assert record.score == "logit"
+    for layer in ("layer1", "layer4"):
+        a, g = record.activation(layer), record.gradient(layer)
+        assert g is not None and g.shape == a.shape and not a.requires_grad and a.device.type == "cpu"
+    # the parameters got no gradients (frozen analysis copy)
+    assert all(p.grad is None and not p.requires_grad for p in entry.model.parameters())
+
+
+def test_gradients_match_plain_autograd(entry):
+    torch.manual_seed(2)
+    x = torch.randn(2, 3, 64, 64)
+    acts = {}
+    h = entry.model.layer3.register_forward_hook(lambda m, i, o: acts.__setitem__("a", o))
+    try:
+        xi = x.clone().requires_grad_(True)
+        out = entry.model(xi)
+    finally:
+        h.remove()
+    (g_ref,) = torch.autograd.grad(out[:, 3].sum(), acts["a"])
+    with Recorder(entry.model, layers=["layer3"]) as rec:
+        entry.model(x)
+    rec_ = rec.finish(target=3)
+    torch.testing.assert_close(rec_.gradient("layer3"), g_ref, rtol=1e-5, atol=1e-7)
+
+
+def test_hooks_removed_on_error(entry):
+    class Boom(Exception):
+        pass
+
+    def bad(m, i, o):
+        raise Boom
+
+    h = entry.model.layer4.register_forward_hook(bad)
+    try:
+        with pytest.raises(Boom), Recorder(entry.model, layers=["layer2"], taps="*"):
+            entry.model(torch.randn(1, 3, 64, 64))
+    finally:
+        h.remove()
+    assert _no_hooks(entry.model)
+
+
+def test_unknown_layer_message(entry):
+    with pytest.raises(KeyError, match="layer9.*top-level modules are"):
+        Recorder(entry.model, layers=["layer9"])
+
+
+def test_inplace_modification_refused_or_cloned():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(4, 2)).eval()
+    x = torch.randn(1, 3, 8, 8)
+    with Recorder(model, layers=["0"]) as rec:
+        model(x)
+    with pytest.raises(RuntimeError, match=r"0\[0\] was modified in place"):
+        rec.finish()
+    with Recorder(model, layers=["0"], clone=True) as rec:
+        model(x)
+    r = rec.finish()
+    expected = model[0](x)
+    torch.testing.assert_close(r.activation("0"), expected.detach())  # the pre-ReLU value, negatives kept
+    assert (r.activation("0") < 0).any()
+    assert r.gradient("0") is None and any("in place" in n for n in r.notes)
+    make_analysis_copy(model)
+    with Recorder(model, layers=["0"]) as rec:
+        model(x)
+    assert rec.finish().gradient("0") is not None
+
+
+def test_reused_module_recorded_per_call():
+    torch.manual_seed(0)
+    block = make_analysis_copy(Bottleneck(16, 4))  # one relu module, called three times
+    x = torch.randn(1, 16, 8, 8)
+    with Recorder(block, layers=["relu"], output_fn=lambda o: o.mean((2, 3))) as rec:
+        block(x)
+    r = rec.finish(target=0)
+    assert sorted(r.activations) == [("relu", 0), ("relu", 1), ("relu", 2)]
+    with torch.no_grad():
+        first = torch.relu(block.bn1(block.conv1(x)))
+        second = torch.relu(block.bn2(block.conv2(first)))
+    torch.testing.assert_close(r.activation("relu", 0), first)
+    torch.testing.assert_close(r.activation("relu", 1), second)
+    assert r.activation("relu", 2).shape == (1, 16, 8, 8)
+
+
+def test_no_accumulation_over_50_passes(entry):
+    from PIL import Image
+
+    from viz.analysis import analyze
+
+    bb = _tiny_backbone()
+    img = Image.new("RGB", (80, 70), (120, 30, 200))
+    analyze([img], bb, [entry], erf=False, redundancy=False, profile=False)  # warm-up
+    gc.collect()
+
+    def live() -> int:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))
+
+    before = live()
+    for _ in range(50):
+        a = analyze([img], bb, [entry], erf=False, redundancy=False, profile=False)
+    del a
+    gc.collect()
+    assert live() <= before
+    assert _no_hooks(entry.model)
+
+
+def test_concurrent_analyses_are_isolated(entry):
+    from PIL import Image
+
+    from viz.analysis import analyze
+
+    bb = _tiny_backbone()
+    imgs = [Image.new("RGB", (64, 64), c) for c in ((250, 10, 10), (10, 10, 250))]
+    torch.manual_seed(3)
+    noise = [Image.fromarray((torch.rand(64, 64, 3) * 255).byte().numpy()) for _ in range(2)]
+    imgs = [Image.blend(a, b, 0.5) for a, b in zip(imgs, noise)]
+    seq = [analyze([im], bb, [entry], erf=False, redundancy=False, profile=False) for im in imgs]
+    out: list = [None, None]
+    errors: list = []
+
+    def run(i: int) -> None:
+        try:
+            for _ in range(5):
+                out[i] = analyze([imgs[i]], bb, [entry], erf=False, redundancy=False, profile=False)
+        except Exception as e:  # pragma: no cover - surfaced below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for i in range(2):
+        a, b = seq[i].models[0], out[i].models[0]
+        assert torch.equal(a.record.logits, b.record.logits)
+        for layer in a.cams:
+            assert torch.equal(a.cams[layer].raw, b.cams[layer].raw)
+    assert not torch.equal(seq[0].models[0].record.logits, seq[1].models[0].record.logits)
