@@ -24,15 +24,7 @@ import urllib.error
 from collections.abc import Sequence
 from pathlib import Path
 
-#: torchvision backbones with downloadable default weights (the bundled efficientnet_lite0 needs none)
-TORCHVISION_BACKBONES: tuple[str, ...] = (
-    "resnet18",
-    "resnet34",
-    "resnet50",
-    "resnet101",
-    "resnext50_32x4d",
-    "wide_resnet50_2",
-)
+from plugconv.backbones import TORCHVISION_BACKBONES  # backbones with downloadable default weights
 
 
 def checkpoint_dir() -> Path:

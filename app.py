@@ -1,0 +1,1080 @@
+"""plugconv browser app: compare plug-and-play convolutions side by side inside a pretrained CNN.
+
+A thin Gradio adapter over :mod:`viz` and :mod:`plugconv`:
+
+- ``build_demo(config) -> gr.Blocks`` builds the UI (tests build it small); nothing heavy happens at
+  import: models are prepared lazily on the first request and kept in a module-level bounded LRU
+  (key: backbone, weights, variant, preset, calibrated, device), shared read-only by every session.
+- Every event that touches a model shares one queue (``concurrency_id="model"``) whose concurrency
+  limit keeps memory bounded; ``queue(api_open=False)`` closes the ``/gradio_api/run/*`` bypass.
+- Named API endpoints ``/analyze``, ``/profile`` and ``/calibrate`` (``gradio_client``); one
+  ``/analyze`` call returns everything the panels show.
+- Errors the user can cause (bad image, unsupported combination, missing weights, offline default
+  weights, out of memory) become ``gr.Error`` with the library's message; the server keeps serving.
+
+Run: ``python app.py`` (``GRADIO_SERVER_NAME`` / ``GRADIO_SERVER_PORT`` pick the address).
+On a ZeroGPU Space the model-bound core runs under ``spaces.GPU``; elsewhere the shim is a no-op.
+"""
+
+from __future__ import annotations
+
+# ZeroGPU: ``spaces`` must be imported before anything initialises CUDA. Off ZeroGPU (or without the
+# package) the decorator is a no-op.
+try:  # pragma: no cover - depends on the Space runtime
+    import spaces
+
+    gpu = spaces.GPU
+except ImportError:  # pragma: no cover - the normal case off Spaces
+
+    def gpu(fn=None, **_kwargs):
+        """No-op stand-in for ``spaces.GPU`` (used bare or with arguments)."""
+        return fn if fn is not None else (lambda f: f)
+
+
+import collections
+import contextlib
+import dataclasses
+import html
+import os
+import shutil
+import tempfile
+import threading
+import time
+import weakref
+from collections.abc import Callable, Hashable, Sequence
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import pandas as pd
+import torch
+
+APP_DIR = Path(__file__).resolve().parent
+ASSETS_DIR = APP_DIR / "assets"
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+
+#: labels of the colour-scale modes (value passed to the figures)
+SCALE_MODES: dict[str, str] = {
+    "shared across models (per layer)": "shared",
+    "per panel": "per-panel",
+    "global (all layers and models)": "global",
+}
+ALL_STAGES = "all stages"
+
+
+# --------------------------------------------------------------------------------------------------
+# configuration
+
+
+def _env_path(name: str, default: Path) -> Path:
+    value = os.environ.get(name)
+    return Path(value).expanduser() if value else default
+
+
+@dataclasses.dataclass(frozen=True)
+class AppConfig:
+    """Settings of one app instance (tests build small ones).
+
+    Attributes:
+        backbones: backbone choices; None = ``plugconv.backbones.list_backbones()``.
+        default_backbone: initial backbone; None = the library's choice (a ResNet when its ImageNet
+            weights are cached, else the bundled offline ``efficientnet_lite0``).
+        default_weights: initial weights choice (``"default"``, ``"random"`` or a file name in
+            ``weights_dir``).
+        default_variants: variants ticked at start (the baseline ``conv`` first).
+        input_size: override the backbone's input size (tests use e.g. 64); None keeps the backbone's.
+        weights_dir: the only directory weight files are read from (``$PLUGCONV_WEIGHTS_DIR``,
+            default ``./weights``); users pick a file name, never a path.
+        examples: example image paths (default: the photos in ``assets/``).
+        cache_examples: run the examples at startup (eager) — off by default (startup time).
+        queue_max_size: waiting events accepted before "queue full".
+        concurrency_limit: model events running at once (one queue for all of them).
+        max_file_size: upload limit passed to ``launch``.
+        max_models: prepared models kept in the LRU.
+        max_pixels: images with more pixels are refused (checked from the header).
+        erf, redundancy, profile: which parts ``/analyze`` computes (the Profile tab can also be
+            refreshed alone through ``/profile``).
+        profile_repeats, profile_warmup: timed and warm-up passes of the latency measurement.
+        calibration_steps: steps per site for Calibrate (None = the library's default).
+        calibration_dir: calibrated-weights cache (None = the library's default,
+            ``$PLUGCONV_CACHE`` or ``~/.cache/plugconv/calibrated``).
+    """
+
+    backbones: tuple[str, ...] | None = None
+    default_backbone: str | None = None
+    default_weights: str = "default"
+    default_variants: tuple[str, ...] = ("conv", "acb", "saconv", "scconv")
+    input_size: int | None = None
+    weights_dir: Path = dataclasses.field(default_factory=lambda: _env_path("PLUGCONV_WEIGHTS_DIR", APP_DIR / "weights"))
+    examples: tuple[Path, ...] | None = None
+    cache_examples: bool = False
+    queue_max_size: int = 16
+    concurrency_limit: int = 1
+    max_file_size: int | str = "10mb"
+    max_models: int = 12
+    max_pixels: int = 40_000_000
+    erf: bool = True
+    redundancy: bool = True
+    profile: bool = True
+    profile_repeats: int = 10
+    profile_warmup: int = 3
+    calibration_steps: int | None = None
+    calibration_dir: Path | None = None
+
+    def example_paths(self) -> list[Path]:
+        """The example photos (sorted), only real image files."""
+        if self.examples is not None:
+            return [Path(p) for p in self.examples]
+        if not ASSETS_DIR.is_dir():
+            return []
+        return sorted(p for p in ASSETS_DIR.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+# --------------------------------------------------------------------------------------------------
+# bounded LRU of prepared models (module level: shared by every session, never in gr.State)
+
+
+class LRUCache:
+    """Thread-safe bounded LRU that builds each missing value once (per-key build lock).
+
+    ``get(key, factory)`` returns the cached value or builds it with ``factory()``; concurrent calls
+    for the same key wait for one build; a failed build caches nothing (the next call retries).
+    """
+
+    def __init__(self, maxsize: int) -> None:
+        if maxsize < 1:
+            raise ValueError(f"maxsize must be >= 1, got {maxsize}")
+        self.maxsize = maxsize
+        self._data: collections.OrderedDict[Hashable, Any] = collections.OrderedDict()
+        self._lock = threading.Lock()
+        self._building: dict[Hashable, threading.Lock] = {}
+
+    def get(self, key: Hashable, factory: Callable[[], Any]) -> Any:
+        """Cached value for ``key``, built by ``factory()`` when missing."""
+        with self._lock:
+            if key in self._data:
+                self._data.move_to_end(key)
+                return self._data[key]
+            build_lock = self._building.setdefault(key, threading.Lock())
+        with build_lock:
+            with self._lock:
+                if key in self._data:
+                    self._data.move_to_end(key)
+                    return self._data[key]
+            try:
+                value = factory()
+            finally:
+                with self._lock:
+                    self._building.pop(key, None)
+            with self._lock:
+                self._data[key] = value
+                self._data.move_to_end(key)
+                while len(self._data) > self.maxsize:
+                    self._data.popitem(last=False)
+            return value
+
+    def put(self, key: Hashable, value: Any) -> None:
+        """Insert or replace ``key``."""
+        with self._lock:
+            self._data[key] = value
+            self._data.move_to_end(key)
+            while len(self._data) > self.maxsize:
+                self._data.popitem(last=False)
+
+    def peek(self, key: Hashable) -> Any | None:
+        """The cached value or None, without building or reordering."""
+        with self._lock:
+            return self._data.get(key)
+
+    def keys(self) -> list[Hashable]:
+        """Keys, least recently used first."""
+        with self._lock:
+            return list(self._data)
+
+    def clear(self) -> None:
+        """Drop everything."""
+        with self._lock:
+            self._data.clear()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._data)
+
+
+BACKBONES = LRUCache(maxsize=3)
+MODELS = LRUCache(maxsize=12)
+_TEMP_DIRS: collections.deque[Path] = collections.deque()
+_MAX_TEMP_DIRS = 32
+
+
+# --------------------------------------------------------------------------------------------------
+# errors: what a user can cause becomes gr.Error with the library's message
+
+
+def _message(e: BaseException) -> str:
+    # KeyError wraps its message in quotes; show the message itself
+    if isinstance(e, KeyError) and e.args and isinstance(e.args[0], str):
+        return e.args[0]
+    return str(e) or type(e).__name__
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Exception types that mean "the request cannot be served as asked" (shown to the user)."""
+    from plugconv.backbones import BackboneUnavailable
+    from plugconv.weights import WeightsError
+    from viz.images import ImageError
+
+    return (ImageError, WeightsError, BackboneUnavailable, ValueError, KeyError, torch.OutOfMemoryError)
+
+
+def to_gr_error(e: BaseException) -> gr.Error:
+    """The ``gr.Error`` shown for a user-caused failure (out of memory gets advice and a cache flush)."""
+    if isinstance(e, gr.Error):
+        return e
+    if isinstance(e, torch.OutOfMemoryError):
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return gr.Error("Out of memory while running the models: choose fewer variants, a smaller backbone or "
+                        "the CPU device, then try again.", title="Out of memory")
+    from plugconv.backbones import BackboneUnavailable
+
+    title = "Weights not available offline" if isinstance(e, BackboneUnavailable) else "Cannot do that"
+    return gr.Error(_message(e), title=title, print_exception=False)
+
+
+class _UserErrors:
+    """``with _UserErrors():`` turns user-caused library errors into ``gr.Error``."""
+
+    def __enter__(self) -> _UserErrors:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc is not None and not isinstance(exc, gr.Error) and isinstance(exc, user_errors()):
+            raise to_gr_error(exc) from exc
+        return False
+
+
+# --------------------------------------------------------------------------------------------------
+# choices shown in the controls
+
+
+def backbone_choices(cfg: AppConfig) -> list[str]:
+    """Backbones offered (only these names are ever loaded)."""
+    if cfg.backbones is not None:
+        return list(cfg.backbones)
+    from plugconv.backbones import list_backbones
+
+    return list_backbones()
+
+
+def initial_backbone(cfg: AppConfig) -> tuple[str, str | None]:
+    """``(backbone, note)``: the configured default, else a ResNet-50 whose weights are cached, else
+    the bundled offline model with a note saying the ImageNet ResNets download when online."""
+    from plugconv.backbones import DEFAULT_OFFLINE_BACKBONE, choose_default_backbone
+
+    if cfg.default_backbone is not None:
+        return cfg.default_backbone, None
+    name, note = choose_default_backbone("resnet50")
+    choices = backbone_choices(cfg)
+    if name not in choices:
+        name = DEFAULT_OFFLINE_BACKBONE if DEFAULT_OFFLINE_BACKBONE in choices else choices[0]
+    if note:
+        note += ". The torchvision ResNets download their ImageNet weights on first use when a network is available."
+    return name, note
+
+
+def weights_choices(cfg: AppConfig) -> list[tuple[str, str]]:
+    """``(label, value)`` pairs: pretrained default, random, and each file in the weights directory."""
+    from plugconv.weights import list_weights_files
+
+    out = [("pretrained (ImageNet / bundled)", "default"), ("random initialisation", "random")]
+    try:
+        files = list_weights_files(cfg.weights_dir) if cfg.weights_dir is not None else []
+    except (OSError, ValueError):
+        files = []
+    out += [(f"file: {f}", f) for f in files]
+    return out
+
+
+def variant_choices() -> list[str]:
+    """Registered conv variants, the baseline ``conv`` first."""
+    from plugconv import list_convs
+
+    names = list_convs()
+    return ["conv", *[n for n in names if n != "conv"]] if "conv" in names else names
+
+
+def device_choices() -> list[tuple[str, str]]:
+    """``(label, value)``: auto, cpu, and cuda when present (with the GPU's name)."""
+    out = [("auto", "auto"), ("cpu", "cpu")]
+    if torch.cuda.is_available():
+        out.append((f"cuda ({torch.cuda.get_device_name(0)})", "cuda"))
+    return out
+
+
+def preset_choices(backbone: str) -> list[str]:
+    """Site presets of ``backbone`` (``viz.models.site_presets``), the default first."""
+    from viz.models import site_presets
+
+    return list(site_presets(backbone))
+
+
+def layer_choices(backbone: str) -> list[str]:
+    """``"all stages"`` then the stage names of ``backbone``."""
+    from viz.models import stage_names
+
+    return [ALL_STAGES, *stage_names(backbone)]
+
+
+# --------------------------------------------------------------------------------------------------
+# models: loaded lazily, cached module-wide, read-only
+
+
+def _check_choice(what: str, value: Any, choices: Sequence[Any]) -> None:
+    if value not in choices:
+        shown = ", ".join(map(str, choices))
+        raise ValueError(f"unknown {what} {value!r}; choose one of {shown}")
+
+
+def resolve_weights(cfg: AppConfig, weights: str) -> str:
+    """``"default"``/``"random"``, or the resolved path of a file name inside ``cfg.weights_dir``.
+
+    Raises:
+        WeightsError: a name with ``..``, an absolute path, a symlink out of the directory, or a
+            missing file (never a user path).
+    """
+    if weights in ("default", "random"):
+        return weights
+    from plugconv.weights import WeightsError, resolve_weights_file
+
+    if cfg.weights_dir is None:
+        raise WeightsError(f"weights file {weights!r} requested but no weights directory is configured")
+    return str(resolve_weights_file(weights, cfg.weights_dir))
+
+
+def get_backbone(cfg: AppConfig, name: str, weights: str, device: str):
+    """The cached ``Backbone`` for (name, weights, device), loaded on first use.
+
+    Raises:
+        ValueError: unknown backbone/device; WeightsError; BackboneUnavailable (offline).
+    """
+    from plugconv.backbones import load_backbone, resolve_device
+
+    _check_choice("backbone", name, backbone_choices(cfg))
+    dev = resolve_device(device)
+    path = resolve_weights(cfg, weights)
+
+    def build():
+        bb = load_backbone(name, weights=path, device=dev, weights_dir=None if path in ("default", "random") else cfg.weights_dir)
+        if cfg.input_size is not None and cfg.input_size != bb.input_size:
+            bb = dataclasses.replace(bb, input_size=int(cfg.input_size))
+        return bb
+
+    return BACKBONES.get((name, weights, str(dev), cfg.input_size), build)
+
+
+def _model_key(backbone, weights: str, variant: str, preset: str, calibrated: bool) -> tuple:
+    return (backbone.name, weights, variant, preset, bool(calibrated), str(backbone.device), backbone.input_size)
+
+
+def get_entry(backbone, weights: str, variant: str, preset: str, *, calibrated: bool = False):
+    """The cached analysis copy (``viz.models.ModelEntry``) of ``variant`` in ``backbone``.
+
+    With ``calibrated=True`` only an entry made by :func:`calibrate_variant` is returned (never a
+    fit here); None when there is none.
+    """
+    from viz.models import prepare_model
+
+    key = _model_key(backbone, weights, variant, preset, calibrated)
+    if calibrated:
+        return MODELS.peek(key)
+    return MODELS.get(key, lambda: prepare_model(backbone, variant, preset=preset))
+
+
+def needs_calibration(variant: str) -> bool:
+    """True for variants whose swap is not function-preserving (``exact_transfer`` False)."""
+    from plugconv import get_conv
+
+    return variant != "conv" and not get_conv(variant).exact_transfer
+
+
+def _temp_dir() -> Path:
+    """A fresh per-request folder under ``GRADIO_TEMP_DIR`` (or the system temp dir); the oldest of
+    more than ``_MAX_TEMP_DIRS`` are removed."""
+    root = os.environ.get("GRADIO_TEMP_DIR") or tempfile.gettempdir()
+    Path(root).mkdir(parents=True, exist_ok=True)
+    d = Path(tempfile.mkdtemp(prefix="plugconv-", dir=root))
+    _TEMP_DIRS.append(d)
+    while len(_TEMP_DIRS) > _MAX_TEMP_DIRS:
+        shutil.rmtree(_TEMP_DIRS.popleft(), ignore_errors=True)
+    return d
+
+
+class _Progress:
+    """Adapts ``gr.Progress`` (or None) to the library's ``progress(fraction, message)``, mapping the
+    fraction into ``[lo, hi]``."""
+
+    def __init__(self, progress: Any, lo: float = 0.0, hi: float = 1.0) -> None:
+        self.progress, self.lo, self.hi = progress, lo, hi
+
+    def __call__(self, fraction: float, message: str = "") -> None:
+        if self.progress is None:
+            return
+        f = self.lo + (self.hi - self.lo) * min(max(float(fraction), 0.0), 1.0)
+        with contextlib.suppress(Exception):  # progress is cosmetic: never fail a request because of it
+            self.progress(f, desc=message)
+
+    def sub(self, lo: float, hi: float) -> _Progress:
+        span = self.hi - self.lo
+        return _Progress(self.progress, self.lo + span * lo, self.lo + span * hi)
+
+
+# --------------------------------------------------------------------------------------------------
+# the model-bound core (the only part that runs under spaces.GPU on ZeroGPU)
+
+
+def _variants(variants: Sequence[str] | str | None) -> list[str]:
+    if variants is None:
+        return []
+    if isinstance(variants, str):
+        variants = [v.strip() for v in variants.split(",") if v.strip()]
+    out: list[str] = []
+    for v in variants:
+        if v not in out:
+            out.append(v)
+    return out
+
+
+def collect_entries(cfg: AppConfig, backbone, weights: str, variants: Sequence[str], preset: str,
+                    *, use_calibrated: bool = True, progress: _Progress | None = None) -> list:
+    """Prepared models for the requested variants (baseline first when selected), calibrated ones
+    where Calibrate has run for this configuration and ``use_calibrated`` is set.
+
+    Raises:
+        ValueError: no variant selected, an unknown variant or preset (message lists the choices).
+    """
+    names = _variants(variants)
+    if not names:
+        raise ValueError("select at least one variant to compare (the baseline is 'conv')")
+    choices = variant_choices()
+    for v in names:
+        _check_choice("variant", v, choices)
+    _check_choice("site preset", preset, preset_choices(backbone.name))
+    entries = []
+    for i, v in enumerate(names):
+        if progress is not None:
+            progress(i / len(names), f"preparing {v}")
+        entry = get_entry(backbone, weights, v, preset, calibrated=True) if use_calibrated else None
+        entries.append(entry if entry is not None else get_entry(backbone, weights, v, preset))
+    return entries
+
+
+@gpu(duration=120)
+def analyze_core(cfg: AppConfig, image_src: Any, backbone: str, weights: str, variants: Sequence[str] | str,
+                 preset: str, layer: str, device: str, use_calibrated: bool = True,
+                 progress: Any = None):
+    """Load the image and models, then run ``viz.analysis.analyze`` once for all of them.
+
+    Args:
+        cfg: app settings.
+        image_src: a file path (what ``gr.Image(type="filepath")`` passes), a PIL image or an
+            H×W×3 array; loaded with ``viz.images.load_image`` (clear ImageError messages).
+        backbone, weights, variants, preset, layer, device: the controls' values.
+        use_calibrated: use calibrated entries where Calibrate has made them.
+        progress: ``gr.Progress`` or None.
+
+    Returns:
+        ``(analysis, profiles)``: the ``viz.analysis.Analysis`` (raw data on the CPU, picklable) and
+        model label -> ``viz.cost.profile_model`` dict (empty when ``cfg.profile`` is off).
+
+    Raises:
+        gr.Error: for everything the user can cause.
+    """
+    from viz.analysis import analyze
+    from viz.images import load_image
+
+    prog = _Progress(progress)
+    with _UserErrors():
+        if image_src is None:
+            raise ValueError("no image: upload one, paste one, use the webcam or pick an example")
+        image = load_image(image_src, max_pixels=cfg.max_pixels)
+        prog(0.02, f"loading {backbone}")
+        bb = get_backbone(cfg, backbone, weights, device)
+        entries = collect_entries(cfg, bb, weights, variants, preset, use_calibrated=use_calibrated,
+                                  progress=prog.sub(0.05, 0.2))
+        if layer in (None, "", ALL_STAGES):
+            layers, erf_layer = None, None
+        else:
+            _check_choice("layer", layer, layer_choices(bb.name))
+            layers, erf_layer = [layer], layer
+        analysis = analyze([image], bb, entries, layers=layers, erf=cfg.erf, redundancy=cfg.redundancy,
+                           profile=False, erf_layer=erf_layer, progress=prog.sub(0.2, 0.75 if cfg.profile else 0.9))
+        profiles: dict[str, dict[str, Any]] = {}
+        if cfg.profile:
+            # cost is image-independent: one viz.cost profile per model, cached, feeds both the
+            # Overview numbers (ModelResult.cost) and the Profile charts
+            sub = prog.sub(0.75, 0.9)
+            for i, (entry, res) in enumerate(zip(entries, analysis.models)):
+                sub(i / len(entries), f"{entry.label}: cost profile")
+                profiles[entry.label] = model_profile(entry, bb, repeats=cfg.profile_repeats, warmup=cfg.profile_warmup)
+                res.cost = cost_summary_of(profiles[entry.label])
+        return analysis, profiles
+
+
+_PROFILES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_PROFILES_LOCK = threading.Lock()
+
+
+def model_profile(entry, backbone, *, repeats: int = 10, warmup: int = 3) -> dict[str, Any]:
+    """``viz.cost.profile_model`` of a prepared model at the backbone's input size and device
+    (params, FLOPs, whole-model and per-layer latency, per-unit rows), cached for as long as the
+    model lives (cost does not depend on the image)."""
+    from viz.cost import profile_model
+
+    key = (str(backbone.device), int(backbone.input_size), repeats, warmup)
+    with _PROFILES_LOCK:
+        hit = _PROFILES.get(entry.model, {}).get(key)
+    if hit is not None:
+        return hit
+    with entry.lock:
+        prof = profile_model(entry.model, int(backbone.input_size), device=backbone.device, repeats=repeats,
+                             warmup=warmup, per_layer=True, deploy=False)
+    with _PROFILES_LOCK:
+        _PROFILES.setdefault(entry.model, {})[key] = prof
+    return prof
+
+
+def cost_summary_of(prof: dict[str, Any]) -> dict[str, Any]:
+    """A ``viz.cost.profile_model`` dict in the shape ``viz.analysis.ModelResult.cost`` documents:
+    ``{"params", "flops", "macs", "latency_ms", "layers": {name: {...}}, "labels": {...}}``."""
+    lat = prof.get("latency") or {}
+    flops = prof.get("flops") or {}
+    return {
+        "params": (prof.get("params") or {}).get("total"),
+        "flops": flops.get("total_flops"),
+        "macs": flops.get("total_macs"),
+        "latency_ms": lat.get("median_ms"),
+        "layers": {u["name"]: {"params": u.get("params"), "flops": u.get("flops"), "latency_ms": u.get("latency_ms")}
+                   for u in prof.get("units", [])},
+        "labels": {"latency": lat.get("labels"), "flops": "FLOPs (2 per MAC)" + ("" if flops.get("complete", True)
+                                                                                  else ", conv/matmul only (partial)")},
+    }
+
+
+@gpu(duration=60)
+def profile_core(cfg: AppConfig, backbone: str, weights: str, variants: Sequence[str] | str, preset: str,
+                 device: str, use_calibrated: bool = True, progress: Any = None) -> dict[str, dict[str, Any]]:
+    """Cost profile (params, FLOPs, latency per layer and whole model) of each selected model.
+
+    Returns:
+        model label -> ``viz.cost.profile_model`` dict (what ``viz.charts`` draws).
+    """
+    prog = _Progress(progress)
+    with _UserErrors():
+        bb = get_backbone(cfg, backbone, weights, device)
+        entries = collect_entries(cfg, bb, weights, variants, preset, use_calibrated=use_calibrated,
+                                  progress=prog.sub(0.0, 0.2))
+        out = {}
+        for i, e in enumerate(entries):
+            prog(0.2 + 0.8 * i / len(entries), f"{e.label}: cost profile")
+            out[e.label] = model_profile(e, bb, repeats=cfg.profile_repeats, warmup=cfg.profile_warmup)
+        return out
+
+
+def calibration_images(cfg: AppConfig) -> list:
+    """The calibration photos: the example images (the same set every time, so results cache)."""
+    from viz.images import load_image
+
+    return [load_image(p) for p in cfg.example_paths()]
+
+
+@gpu(duration=300)
+def calibrate_core(cfg: AppConfig, backbone: str, weights: str, variants: Sequence[str] | str, preset: str,
+                   device: str, progress: Any = None) -> list[dict[str, Any]]:
+    """Calibrate every selected variant without exact transfer (cached once per configuration on
+    disk by ``plugconv.calibrate.calibrate_cached``) and keep the calibrated analysis copies in the
+    model cache, so the next analysis uses them.
+
+    Returns:
+        One ``CalibrationReport.to_dict()`` per calibrated variant, with ``label`` added.
+    """
+    from plugconv.calibrate import calibrate_cached
+    from viz.models import ModelEntry, make_analysis_copy, site_presets
+
+    prog = _Progress(progress)
+    with _UserErrors():
+        bb = get_backbone(cfg, backbone, weights, device)
+        names = [v for v in _variants(variants) if v in variant_choices()]
+        _check_choice("site preset", preset, preset_choices(bb.name))
+        todo = [v for v in names if needs_calibration(v)]
+        if not todo:
+            raise ValueError("nothing to calibrate: the selected variants transfer the original convs exactly "
+                             f"({', '.join(names) or 'none selected'}); calibration applies to "
+                             f"{', '.join(v for v in variant_choices() if needs_calibration(v))}")
+        images = calibration_images(cfg)
+        if not images:
+            raise ValueError("no calibration images: the assets folder has no photos")
+        from plugconv import swap_convs
+
+        reports = []
+        spec = site_presets(bb.name)[preset]
+        for i, v in enumerate(todo):
+            sub = prog.sub(i / len(todo), (i + 1) / len(todo))
+            sub(0.0, f"{v}: swapping")
+            swap = swap_convs(bb.model, v, include=spec["include"], exclude=spec["exclude"],
+                              probe_size=bb.input_size)
+            if not swap.swapped:
+                reports.append({"label": v, "variant": v, "skipped": "no site could take this variant"})
+                continue
+            kw: dict[str, Any] = {"mean": list(bb.mean), "std": list(bb.std), "device": bb.device,
+                                  "progress": lambda f, m, _s=sub, _v=v: _s(f, f"{_v}: {m}")}
+            if cfg.calibration_steps is not None:
+                kw["steps"] = cfg.calibration_steps
+            rep = calibrate_cached(bb.name, bb.weights, swap, bb.model, images, cache_dir=cfg.calibration_dir, **kw)
+            result = rep.swap if rep.swap is not None else swap
+            make_analysis_copy(result.model)
+            entry = ModelEntry(label=f"{v} (calibrated)", variant=v, model=result.model, swap=result,
+                               preset=preset, backbone=bb.name)
+            MODELS.put(_model_key(bb, weights, v, preset, True), entry)
+            reports.append({"label": entry.label, **rep.to_dict()})
+        return reports
+
+
+# --------------------------------------------------------------------------------------------------
+# rendering: Analysis -> what each panel shows (CPU only, outside the GPU context)
+
+
+def taps_frame(report: dict[str, Any]) -> pd.DataFrame:
+    """One row per tap of every model: site, kind, shape, range, mean and the headline statistic."""
+    rows = []
+    for m in report.get("models", []):
+        for t in m.get("taps", []):
+            stats = t.get("stats") or {}
+            headline = "; ".join(f"{k} = {v:.3g}" if isinstance(v, float) else f"{k} = {v}"
+                                 for k, v in stats.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool))
+            rows.append({
+                "model": m.get("label"), "site": t.get("site"), "tap": t.get("local"), "kind": t.get("kind"),
+                "shape": "×".join(map(str, t.get("shape", []))),
+                "min": _r(t.get("min")), "max": _r(t.get("max")), "mean": _r(t.get("mean")),
+                "summary": headline[:300], "notes": "; ".join(t.get("notes") or []),
+            })
+    cols = ["model", "site", "tap", "kind", "shape", "min", "max", "mean", "summary", "notes"]
+    return pd.DataFrame(rows, columns=cols)
+
+
+def _r(x: Any, nd: int = 4) -> Any:
+    return round(float(x), nd) if isinstance(x, (int, float)) and not isinstance(x, bool) else x
+
+
+def erf_frame(report: dict[str, Any]) -> pd.DataFrame:
+    """Per model: ERF area ratios at 20/30/50/99 %, r50/r90 (fraction of the input) and the
+    theoretical RF at the same stage."""
+    rows = []
+    for m in report.get("models", []):
+        e = m.get("erf") or {}
+        rat = e.get("area_ratios") or {}
+        row: dict[str, Any] = {"model": m.get("label"), "stage": e.get("layer", report.get("erf_layer"))}
+        for t in ("0.2", "0.3", "0.5", "0.99"):
+            v = rat.get(t)
+            row[f"area {int(float(t) * 100)}%"] = None if v is None else _r(v.get("ratio"))
+        row["r50 (frac)"] = _r(e.get("r50_frac"))
+        row["r90 (frac)"] = _r(e.get("r90_frac"))
+        trf = m.get("theoretical_rf") or {}
+        row["theoretical RF"] = _theoretical_rf_text(trf)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _theoretical_rf_text(trf: Any) -> str:
+    if not trf:
+        return "–"
+    if isinstance(trf, dict):
+        for k in ("rf", "r", "size", "local_rf"):
+            if isinstance(trf.get(k), (int, float)):
+                s = f"{trf[k]:g} px"
+                notes = trf.get("notes") or trf.get("note")
+                return s + (f" ({'; '.join(notes) if isinstance(notes, list) else notes})" if notes else "")
+    return str(trf)[:200]
+
+
+def profile_frame(profiles: dict[str, dict[str, Any]]) -> pd.DataFrame:
+    """Per model and layer: params, FLOPs, MACs and latency (the sortable Profile table), each
+    model's whole-network row first."""
+    rows = []
+    for label, p in profiles.items():
+        lat = p.get("latency") or {}
+        flops = p.get("flops") or {}
+        rows.append({"model": label, "layer": "(whole model)", "type": "", "params": (p.get("params") or {}).get("total"),
+                     "FLOPs": flops.get("total_flops"), "MACs": flops.get("total_macs"),
+                     "latency (ms)": _r(lat.get("median_ms"), 3)})
+        for u in p.get("units", []):
+            rows.append({"model": label, "layer": u.get("name"), "type": u.get("type"), "params": u.get("params"),
+                         "FLOPs": u.get("flops"), "MACs": u.get("macs"), "latency (ms)": _r(u.get("latency_ms"), 3)})
+    return pd.DataFrame(rows, columns=["model", "layer", "type", "params", "FLOPs", "MACs", "latency (ms)"])
+
+
+def profile_charts(profiles: dict[str, dict[str, Any]]) -> tuple[Any, Any, Any, Any]:
+    """``(whole-model summary, per-layer latency, per-layer params, per-layer FLOPs)`` plotly figures
+    (None each when there is nothing to draw)."""
+    if not profiles:
+        return None, None, None, None
+    from viz import charts
+
+    has_latency = any(p.get("latency") for p in profiles.values())
+    return (
+        charts.cost_summary(profiles),
+        charts.latency_chart(profiles) if has_latency else None,
+        charts.params_chart(profiles),
+        charts.flops_chart(profiles, unit="FLOPs"),
+    )
+
+
+def _plot_or_none(build: Callable[[], Any]) -> Any:
+    """A chart, or None when its data is missing (ValueError/KeyError from the builder)."""
+    try:
+        return build()
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def redundancy_charts(analysis, layer: str | None) -> tuple[Any, Any, Any]:
+    """``(redundancy by depth, channel-similarity matrices at one layer, CKA vs the first model)``."""
+    from viz import charts
+
+    metrics = {m.label: {k: v for k, v in m.redundancy.items() if isinstance(v, dict) and "error" not in v}
+               for m in analysis.models}
+    metrics = {k: v for k, v in metrics.items() if v}
+    red = _plot_or_none(lambda: charts.redundancy_by_depth(metrics)) if metrics else None
+    at = layer if layer in analysis.layers else (analysis.layers[-1] if analysis.layers else None)
+    sims = {m.label: m.redundancy[at]["similarity"] for m in analysis.models
+            if at is not None and isinstance(m.redundancy.get(at), dict) and m.redundancy[at].get("similarity") is not None}
+    sim = _plot_or_none(lambda: charts.similarity_grid(sims, title=f"channel similarity at {at} (cosine)")) if sims else None
+    cka = None
+    if analysis.cka and len(analysis.models) > 1:
+        labels = [m.label for m in analysis.models[1:]]
+        rows = [ly for ly in analysis.layers if ly in analysis.cka]
+        matrix = [[analysis.cka[ly].get(lb, float("nan")) for lb in labels] for ly in rows]
+        cka = _plot_or_none(lambda: charts.cka_heatmap(
+            {"rows": rows, "cols": labels, "matrix": matrix, "mode": "positions", "estimator": "linear CKA",
+             "notes": []},
+            title=f"linear CKA with {analysis.models[0].label}, same stage", row_title="stage", col_title="model"))
+    return red, sim, cka
+
+
+def figure_images(analysis, mode: str, out_dir: Path) -> dict[str, Any]:
+    """The matplotlib panels (Grad-CAM grid, module maps, ERF) as PNG files in ``out_dir``.
+
+    Returns:
+        ``{"gradcam": path | None, "gradcam_legend": str, "taps": path | None, "erf": path | None}``.
+    """
+    return {"gradcam": None, "gradcam_legend": "", "taps": None, "erf": None}
+
+
+def write_downloads(analysis, out_dir: Path, images: dict[str, Any]) -> list[str]:
+    """report.json (+ report.html and figures when ``viz.report`` is available) for the Downloads tab."""
+    import json
+
+    from viz.analysis import _jsonable
+
+    files = []
+    path = out_dir / "report.json"
+    path.write_text(json.dumps(_jsonable(analysis.to_dict()), indent=1))
+    files.append(str(path))
+    files += [str(v) for k, v in images.items() if k != "gradcam_legend" and v]
+    return files
+
+
+def render_panels(analysis, profiles: dict[str, dict[str, Any]], mode: str, out_dir: Path,
+                  layer: str | None = None) -> dict[str, Any]:
+    """Every panel of the page from one analysis (keys: ``ANALYZE_OUTPUTS`` without ``status``,
+    plus ``report``, the ``Analysis.to_dict()``)."""
+    from viz import ui
+
+    report = analysis.to_dict()
+    images = figure_images(analysis, mode, out_dir)
+    red, sim, cka = redundancy_charts(analysis, layer)
+    summary, latency, params, flops = profile_charts(profiles)
+    return {
+        "report": report,
+        "banners": ui.banners_html(report),
+        "overview": ui.overview_html(report),
+        "summary": ui.summary_frame(report),
+        "gradcam": images["gradcam"],
+        "gradcam_legend": images["gradcam_legend"],
+        "taps": images["taps"],
+        "taps_table": taps_frame(report),
+        "redundancy": red,
+        "similarity": sim,
+        "cka": cka,
+        "erf": images["erf"],
+        "erf_table": erf_frame(report),
+        "profile_summary": summary,
+        "profile_latency": latency,
+        "profile_params": params,
+        "profile_flops": flops,
+        "profile_table": profile_frame(profiles),
+        "downloads": write_downloads(analysis, out_dir, images),
+    }
+
+
+def status_line(report: dict[str, Any], seconds: float) -> str:
+    """The one-line summary above the panels."""
+    t = report.get("target") or {}
+    labels = t.get("labels") or []
+    target = f"Grad-CAM explains **{html.escape(labels[0])}** ({t.get('rule', '')})" if labels else ""
+    n = len(report.get("models", []))
+    return (f"Analysed {n} model{'s' if n != 1 else ''} on {report.get('backbone')} "
+            f"({report.get('device')}, {report.get('input_size')} px) in {seconds:.1f} s. {target}")
+
+
+
+def _save_figure(fig: Any, path: Path, dpi: int = 110) -> Path:
+    """Save a matplotlib ``Figure`` (built without pyplot) as PNG and release it."""
+    fig.savefig(path, dpi=dpi, bbox_inches="tight", facecolor="white")
+    fig.clear()
+    return path
+
+
+def analyze_panels(cfg: AppConfig, image_src: Any, backbone: str, weights: str, variants: Sequence[str] | str,
+                   preset: str, layer: str, scale: str, device: str, use_calibrated: bool = True,
+                   progress: Any = None) -> tuple:
+    """The ``/analyze`` endpoint: one analysis, every panel (in ``ANALYZE_OUTPUTS`` order).
+
+    Raises:
+        gr.Error: for everything the user can cause (bad image, unknown choice, offline weights,
+            bad weights file, out of memory).
+    """
+    t0 = time.perf_counter()
+    with _UserErrors():
+        mode = SCALE_MODES.get(scale, scale)
+        from viz.gradcam import COLOR_MODES
+
+        _check_choice("colour scale", mode, COLOR_MODES)
+    analysis, profiles = analyze_core(cfg, image_src, backbone, weights, variants, preset, layer, device, use_calibrated,
+                            progress)
+    prog = _Progress(progress, 0.9, 1.0)
+    prog(0.0, "drawing")
+    out_dir = _temp_dir()
+    with _UserErrors():
+        panels = render_panels(analysis, profiles, mode, out_dir, layer)
+    report = panels["report"]
+    prog(1.0, "done")
+    status = status_line(report, time.perf_counter() - t0)
+    return tuple(panels[k] if k != "status" else status for k in ANALYZE_OUTPUTS)
+
+
+def profile_panels(cfg: AppConfig, backbone: str, weights: str, variants: Sequence[str] | str, preset: str,
+                   device: str, use_calibrated: bool = True, progress: Any = None) -> tuple:
+    """The ``/profile`` endpoint: status, then per-layer latency, params and FLOPs (``PROFILE_OUTPUTS``)."""
+    t0 = time.perf_counter()
+    profiles = profile_core(cfg, backbone, weights, variants, preset, device, use_calibrated, progress)
+    status = f"Profiled {len(profiles)} model(s) in {time.perf_counter() - t0:.1f} s."
+    return (status, *profile_charts(profiles), profile_frame(profiles))
+
+
+def calibrate_panel(cfg: AppConfig, backbone: str, weights: str, variants: Sequence[str] | str, preset: str,
+                    device: str, progress: Any = None) -> tuple[str, list[dict[str, Any]]]:
+    """The ``/calibrate`` endpoint: a plain-words summary and the reports."""
+    reports = calibrate_core(cfg, backbone, weights, variants, preset, device, progress)
+    lines = []
+    for r in reports:
+        if "skipped" in r:
+            lines.append(f"- **{html.escape(r['label'])}**: {html.escape(r['skipped'])}")
+            continue
+        agree = r.get("top1_agreement", {})
+        worst = max((s.get("error_after", 0.0) for s in r.get("sites", [])), default=0.0)
+        src = "loaded from the cache" if r.get("from_cache") else f"fitted in {r.get('wall_time_s', 0):.1f} s"
+        lines.append(
+            f"- **{html.escape(r['label'])}**: {len(r.get('sites', []))} sites {src}; worst site relative error "
+            f"{worst:.3f}; top-1 agreement with the original network {agree.get('before', 0):.0%} → "
+            f"{agree.get('after', 0):.0%}."
+        )
+    text = "Calibrated (analyses now use these weights while *Use calibrated weights* is ticked):\n" + "\n".join(lines)
+    return text, reports
+
+
+# --------------------------------------------------------------------------------------------------
+# the UI
+
+INTRO = """# plugconv · plug-and-play convolutions, side by side
+Upload a photo, pick a backbone and the conv variants to compare — SCConv (`scconv`), SAConv (`saconv`),
+self-calibrated conv (`selfcal`), SPConv (`spconv`), ACNet's ACB (`acb`) — next to the unchanged baseline (`conv`).
+Each column is one network: predictions, Grad-CAM, the modules' internal maps, receptive fields and cost."""
+
+PROFILE_OUTPUTS = ("profile_summary", "profile_latency", "profile_params", "profile_flops", "profile_table")
+ANALYZE_OUTPUTS = (
+    "status", "banners", "overview", "summary", "gradcam", "gradcam_legend", "taps", "taps_table",
+    "redundancy", "similarity", "cka", "erf", "erf_table", *PROFILE_OUTPUTS, "downloads",
+)
+
+
+def build_demo(config: AppConfig | None = None) -> gr.Blocks:
+    """Build the app (nothing is loaded until the first request).
+
+    Args:
+        config: settings (default ``AppConfig()``); the queue (``api_open=False``, ``max_size``,
+            one concurrency group for every model event) is configured here. Launch it with
+            :func:`launch` (which adds ``max_file_size``, ``show_error=False``,
+            ``enable_monitoring=False`` and the footer without the API link).
+
+    Returns:
+        gr.Blocks with the named endpoints ``/analyze``, ``/profile`` and ``/calibrate``.
+    """
+    cfg = config or AppConfig()
+    if MODELS.maxsize != cfg.max_models:
+        MODELS.maxsize = max(1, int(cfg.max_models))
+    backbones = backbone_choices(cfg)
+    start_backbone, offline_note = initial_backbone(cfg)
+    variants = variant_choices()
+    default_variants = [v for v in cfg.default_variants if v in variants] or variants[:1]
+    presets = preset_choices(start_backbone)
+    examples = cfg.example_paths()
+
+    with gr.Blocks(title="plugconv", delete_cache=(3600, 3600), analytics_enabled=False) as demo:
+        gr.Markdown(INTRO, elem_id="intro")
+        if offline_note:
+            gr.HTML(f'<div class="pc-banner pc-info">{html.escape(offline_note)}</div>', elem_id="offline-note")
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=1, min_width=300):
+                image = gr.Image(label="Image", type="filepath", image_mode=None, sources=["upload", "clipboard", "webcam"],
+                                 height=300, elem_id="input-image")
+                if examples:
+                    gr.Examples(examples=[[str(p)] for p in examples], inputs=[image], label="Example photos",
+                                examples_per_page=8, cache_examples=False, elem_id="examples")
+            with gr.Column(scale=2, min_width=360):
+                with gr.Row():
+                    backbone = gr.Dropdown(backbones, value=start_backbone, label="Backbone", elem_id="backbone")
+                    weights = gr.Dropdown(weights_choices(cfg), value=cfg.default_weights, label="Weights",
+                                          info="pretrained, random, or a file from the weights folder", elem_id="weights")
+                    device = gr.Radio(device_choices(), value="auto", label="Device", elem_id="device")
+                variants_box = gr.CheckboxGroup(variants, value=default_variants, label="Variants to compare",
+                                                info="one column each; conv = the unchanged baseline", elem_id="variants")
+                with gr.Row():
+                    preset = gr.Dropdown(presets, value=presets[0], label="Sites to swap", elem_id="preset")
+                    layer = gr.Dropdown(layer_choices(start_backbone), value=ALL_STAGES, label="Layer / stage for the maps",
+                                        elem_id="layer")
+                    scale = gr.Radio(list(SCALE_MODES), value=next(iter(SCALE_MODES)), label="Colour scale",
+                                     elem_id="scale")
+                use_cal = gr.Checkbox(value=True, label="Use calibrated weights where Calibrate has run",
+                                      elem_id="use-calibrated")
+                with gr.Row():
+                    run_btn = gr.Button("Analyze", variant="primary", elem_id="run-btn")
+                    cal_btn = gr.Button("Calibrate", elem_id="calibrate-btn")
+                    stop_btn = gr.Button("Stop", variant="stop", elem_id="stop-btn")
+        status = gr.Markdown("Pick an image and press **Analyze**.", elem_id="status")
+        banners = gr.HTML("", elem_id="banners")
+        with gr.Tabs(elem_id="tabs"):
+            with gr.Tab("Overview", id="overview"):
+                overview = gr.HTML("", elem_id="overview")
+                summary = gr.Dataframe(label="Summary", interactive=False, max_height=320, elem_id="summary")
+            with gr.Tab("Grad-CAM", id="gradcam"):
+                gradcam = gr.Image(label="Grad-CAM per layer (rows: layers, columns: models)", format="png",
+                                   interactive=False, buttons=["download", "fullscreen"], elem_id="gradcam")
+                gradcam_legend = gr.Markdown("", elem_id="gradcam-legend")
+            with gr.Tab("Redundancy", id="redundancy"):
+                taps = gr.Image(label="Module maps (SRU masks, SAConv switch, calibration maps, fusion weights, "
+                                      "branch shares)", format="png", interactive=False,
+                                buttons=["download", "fullscreen"], elem_id="taps")
+                taps_table = gr.Dataframe(label="Module maps: numbers", interactive=False, max_height=320,
+                                          elem_id="taps-table")
+                redundancy = gr.Plot(label="Redundancy by depth", elem_id="redundancy")
+                with gr.Row():
+                    similarity = gr.Plot(label="Channel similarity matrices", elem_id="similarity")
+                    cka = gr.Plot(label="Similarity to the baseline (linear CKA)", elem_id="cka")
+            with gr.Tab("Receptive field", id="rf"):
+                erf = gr.Image(label="Effective receptive field per model", format="png", interactive=False,
+                               buttons=["download", "fullscreen"], elem_id="erf")
+                erf_table = gr.Dataframe(label="ERF area ratios and theoretical RF", interactive=False,
+                                         elem_id="erf-table")
+            with gr.Tab("Profile", id="profile"):
+                profile_summary = gr.Plot(label="Whole model: params, MACs, latency", elem_id="profile-summary")
+                profile_latency = gr.Plot(label="Per-layer latency", elem_id="profile-latency")
+                with gr.Row():
+                    profile_params = gr.Plot(label="Per-layer params", elem_id="profile-params")
+                    profile_flops = gr.Plot(label="Per-layer FLOPs", elem_id="profile-flops")
+                profile_table = gr.Dataframe(label="Per-layer cost (sortable)", interactive=False, max_height=420,
+                                             elem_id="profile-table")
+                profile_btn = gr.Button("Re-profile", elem_id="profile-btn")
+            with gr.Tab("Calibration", id="calibration"):
+                cal_out = gr.Markdown("Calibrate distils the non-exact variants (scconv, selfcal, spconv) from the "
+                                      "original convs on the example photos, once per configuration (cached on disk).",
+                                      elem_id="calibration")
+                cal_json = gr.JSON(label="Calibration report", elem_id="calibration-json")
+            with gr.Tab("Downloads", id="downloads"):
+                downloads = gr.File(label="report.json, report.html and figures", file_count="multiple",
+                                    interactive=False, elem_id="downloads")
+
+        outputs = {
+            "status": status, "banners": banners, "overview": overview, "summary": summary, "gradcam": gradcam,
+            "gradcam_legend": gradcam_legend, "taps": taps, "taps_table": taps_table, "redundancy": redundancy,
+            "similarity": similarity, "cka": cka, "erf": erf, "erf_table": erf_table, "profile_summary": profile_summary,
+            "profile_latency": profile_latency, "profile_params": profile_params, "profile_flops": profile_flops,
+            "profile_table": profile_table, "downloads": downloads,
+        }
+        controls = [backbone, weights, variants_box, preset, layer, scale, device, use_cal]
+
+        def on_analyze(image_src, backbone_v, weights_v, variants_v, preset_v, layer_v, scale_v, device_v, use_cal_v,
+                       progress=gr.Progress()):  # noqa: B008 - Gradio injects it
+            return analyze_panels(cfg, image_src, backbone_v, weights_v, variants_v, preset_v, layer_v, scale_v,
+                                  device_v, use_cal_v, progress=progress)
+
+        def on_profile(backbone_v, weights_v, variants_v, preset_v, device_v, use_cal_v, progress=gr.Progress()):  # noqa: B008 - Gradio injects it
+            return profile_panels(cfg, backbone_v, weights_v, variants_v, preset_v, device_v, use_cal_v,
+                                  progress=progress)
+
+        def on_calibrate(backbone_v, weights_v, variants_v, preset_v, device_v, progress=gr.Progress()):  # noqa: B008 - Gradio injects it
+            return calibrate_panel(cfg, backbone_v, weights_v, variants_v, preset_v, device_v, progress=progress)
+
+        def on_backbone(name):
+            try:
+                p = preset_choices(name)
+                layers = layer_choices(name)
+            except (KeyError, ValueError) as e:
+                raise to_gr_error(e) from e
+            return gr.Dropdown(choices=p, value=p[0]), gr.Dropdown(choices=layers, value=ALL_STAGES)
+
+        run_event = run_btn.click(
+            on_analyze, [image, *controls], [outputs[k] for k in ANALYZE_OUTPUTS],
+            api_name="analyze", concurrency_id="model", concurrency_limit=cfg.concurrency_limit,
+        )
+        prof_event = gr.on(
+            [profile_btn.click, device.change, variants_box.change], on_profile,
+            [backbone, weights, variants_box, preset, device, use_cal], [status, *(outputs[k] for k in PROFILE_OUTPUTS)],
+            api_name="profile", concurrency_id="model", concurrency_limit=cfg.concurrency_limit,
+            trigger_mode="always_last", show_progress="minimal",
+        )
+        cal_event = cal_btn.click(
+            on_calibrate, [backbone, weights, variants_box, preset, device], [cal_out, cal_json],
+            api_name="calibrate", concurrency_id="model", concurrency_limit=cfg.concurrency_limit,
+        )
+        backbone.change(on_backbone, [backbone], [preset, layer], api_visibility="private", queue=False)
+        stop_btn.click(None, None, None, cancels=[run_event, prof_event, cal_event], api_visibility="private")
+
+    demo.queue(api_open=False, max_size=cfg.queue_max_size, default_concurrency_limit=cfg.concurrency_limit)
+    demo.plugconv_config = cfg  # for launch(): max_file_size
+    return demo
+
+
+def launch_kwargs(cfg: AppConfig) -> dict[str, Any]:
+    """The safe ``launch()`` settings (gradio.md §5)."""
+    from viz.ui import CSS
+
+    return {
+        "max_file_size": cfg.max_file_size,
+        "show_error": False,
+        "enable_monitoring": False,
+        "footer_links": ["gradio", "settings"],
+        "allowed_paths": [],
+        "theme": gr.themes.Soft(primary_hue="indigo", secondary_hue="purple"),
+        "css": CSS,
+    }
+
+
+def launch(demo: gr.Blocks, **overrides: Any):
+    """``demo.launch`` with the app's safe defaults (``overrides`` win); returns its result."""
+    cfg = getattr(demo, "plugconv_config", None) or AppConfig()
+    return demo.launch(**{**launch_kwargs(cfg), **overrides})
+
+
+if __name__ == "__main__":
+    launch(build_demo())
