@@ -278,3 +278,77 @@ def write_corpus(folder: Path) -> dict[str, Path]:
     """Write every case into ``folder``; returns name -> path."""
     folder.mkdir(parents=True, exist_ok=True)
     return {name: case.write(folder) for name, case in CASES.items()}
+
+
+# --------------------------------------------------------------------------------------------------
+# a small launched app, shared by tests/test_reliability_app.py, test_load.py and test_security.py
+
+
+def small_app_config(tmp: Path, **overrides):
+    """``app.AppConfig`` for tests: resnet18 with random weights at 64 px, baseline only, no ERF,
+    redundancy or profile (the cheap part of an analysis), no examples, a weights dir under ``tmp``."""
+    import app
+
+    weights_dir = Path(tmp) / "weights"
+    weights_dir.mkdir(parents=True, exist_ok=True)
+    kw = dict(backbones=("resnet18",), default_backbone="resnet18", default_weights="random",
+              default_variants=("conv",), input_size=64, erf=False, redundancy=False, profile=False,
+              examples=(), weights_dir=weights_dir, max_file_size="10mb")
+    kw.update(overrides)
+    return app.AppConfig(**kw)
+
+
+class LaunchedApp:
+    """``with LaunchedApp(cfg, tmp) as la:`` -> ``la.url``, ``la.client``, ``la.demo``, ``la.app`` (FastAPI).
+
+    Launched on 127.0.0.1 (free port) with the app's own safe ``launch()`` settings; the Gradio
+    temp dir is under ``tmp``; closed (server stopped) on exit even when a test fails.
+    """
+
+    def __init__(self, cfg, tmp: Path) -> None:
+        self.cfg, self.tmp = cfg, Path(tmp)
+
+    def __enter__(self) -> LaunchedApp:
+        import os
+
+        import pytest
+
+        self._mp = pytest.MonkeyPatch()
+        for k, v in {"GRADIO_ANALYTICS_ENABLED": "False", "GRADIO_TEMP_DIR": str(self.tmp / "gr"),
+                     "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"}.items():
+            self._mp.setenv(k, v)
+        os.makedirs(self.tmp / "gr", exist_ok=True)
+        from gradio_client import Client
+
+        import app
+
+        self.module = app
+        self.demo = app.build_demo(self.cfg)
+        try:
+            self.app, self.url, _ = app.launch(self.demo, prevent_thread_lock=True, server_name="127.0.0.1", quiet=True)
+            self.client = Client(self.url, verbose=False, analytics_enabled=False, download_files=str(self.tmp / "dl"))
+        except BaseException:
+            self.demo.close()
+            self._mp.undo()
+            raise
+        return self
+
+    def new_client(self):
+        from gradio_client import Client
+
+        return Client(self.url, verbose=False, analytics_enabled=False, download_files=str(self.tmp / "dl"))
+
+    def param_name(self, label: str, api_name: str = "/analyze") -> str:
+        """The API parameter name of the input whose label is ``label`` (e.g. "Weights")."""
+        api = self.client.view_api(print_info=False, return_format="dict")["named_endpoints"][api_name]
+        for p in api["parameters"]:
+            if p.get("label") == label:
+                return p["parameter_name"]
+        raise KeyError(f"no input labelled {label!r} in {api_name}: {[p.get('label') for p in api['parameters']]}")
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self.client.close()
+        finally:
+            self.demo.close()
+            self._mp.undo()
