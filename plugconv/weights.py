@@ -55,25 +55,54 @@ def sha256_file(path: str | Path, *, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def _is_unsafe_pickle_error(exc: BaseException) -> bool:
-    msg = str(exc)
-    return "Weights only load failed" in msg or "Unsupported global" in msg or "weights_only" in msg
+def _pickle_globals(path: Path, limit: int = 64 << 20) -> list[str] | None:
+    """Names a plain (non-zip) pickle file imports, read with ``pickletools`` (nothing executes).
+
+    Returns None when the file is not a parsable pickle (or is a zip archive / too large).
+    """
+    import pickletools
+
+    if zipfile.is_zipfile(path) or path.stat().st_size > limit:
+        return None
+    names: list[str] = []
+    strings: list[str] = []
+    try:
+        with open(path, "rb") as f:
+            for op, arg, _ in pickletools.genops(f):
+                if op.name == "GLOBAL" and isinstance(arg, str):
+                    names.append(arg.replace(" ", "."))
+                elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    names.append(f"{strings[-2]}.{strings[-1]}")
+                elif isinstance(arg, str):
+                    strings.append(arg)
+    except Exception:  # not a pickle (HTML, random bytes, ...)
+        return names or None
+    return names
+
+
+_SAFE_GLOBAL_PREFIXES = ("torch.", "collections.OrderedDict", "builtins.set", "_codecs.encode", "numpy.")
 
 
 def _load_torch_file(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if _is_unsafe_pickle_error(e):
-            first = str(e).strip().splitlines()
-            detail = next((ln.strip() for ln in first if "GLOBAL" in ln or "Unsupported" in ln), "")
+        lines = str(e).strip().splitlines()
+        detail = next((ln.strip() for ln in lines if "GLOBAL" in ln or "Unsupported" in ln), "")
+        imports = _pickle_globals(path)
+        unsafe = [g for g in imports or [] if not g.startswith(_SAFE_GLOBAL_PREFIXES)]
+        if "GLOBAL" in detail or unsafe:
+            what = f" ({', '.join(dict.fromkeys(unsafe))})" if unsafe else ""
             raise WeightsError(
                 f"refused to load {path.name}: it is a pickle that would import and run Python code "
-                f"on load, which weights files never need (torch.load weights_only=True refused it"
+                f"on load{what}, which weights files never need (torch.load weights_only=True refused it"
                 f"{': ' + detail if detail else ''}). Re-save the weights as a plain state dict or "
                 f"as .safetensors."
             ) from None
-        raise WeightsError(f"cannot read {path.name}: not a valid PyTorch weights file ({e})") from None
+        raise WeightsError(
+            f"cannot read {path.name}: not a PyTorch weights file (the weights-only loader stopped at: "
+            f"{detail or (lines[0] if lines else type(e).__name__)})"
+        ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError) as e:
         text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if "central directory" in text or "zip archive" in text or isinstance(e, EOFError):
