@@ -97,8 +97,16 @@ def conv_args(conv: nn.Conv2d) -> dict[str, Any]:
     """The constructor arguments of ``conv`` as plain Python values (square kernels only).
 
     Raises:
-        ValueError: for a non-square kernel, stride, padding or dilation, or a string padding.
+        ValueError: for a non-square kernel, stride, padding or dilation, a string padding, or a
+            conv subclass with its own ``forward`` (timm's ``Conv2dSame`` pads asymmetrically,
+            per input size; ``StdConv2d`` standardises its weight): its arguments do not describe
+            what it computes, so no variant built from them can reproduce it.
     """
+    if type(conv).forward is not nn.Conv2d.forward and not isinstance(conv, ConvVariant):
+        raise ValueError(
+            f"{type(conv).__name__} overrides nn.Conv2d.forward (e.g. dynamic TF 'same' padding); "
+            "its constructor arguments do not describe what it computes, so it cannot be replaced"
+        )
     if isinstance(conv.padding, str):
         raise ValueError(f"padding {conv.padding!r} is not supported; pass integer padding")
     for attr in ("kernel_size", "stride", "padding", "dilation"):
