@@ -83,22 +83,30 @@ def _none_if_nan(v: float) -> float | None:
 
 
 def _components(adj: np.ndarray) -> int:
-    """Number of connected components of an undirected boolean adjacency matrix (n×n)."""
+    """Number of connected components of an undirected boolean adjacency matrix (n×n).
+
+    Breadth-first search over rows: every row is read once, O(n²) in total.
+    """
     n = adj.shape[0]
-    parent = np.arange(n)
+    visited = np.zeros(n, dtype=bool)
+    comps = 0
+    for i in range(n):
+        if visited[i]:
+            continue
+        comps += 1
+        visited[i] = True
+        frontier = np.array([i])
+        while frontier.size:
+            nb = adj[frontier].any(axis=0) & ~visited
+            visited |= nb
+            frontier = np.nonzero(nb)[0]
+    return comps
 
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
 
-    ii, jj = np.nonzero(np.triu(adj, 1))
-    for i, j in zip(ii.tolist(), jj.tolist()):
-        ri, rj = find(i), find(j)
-        if ri != rj:
-            parent[ri] = rj
-    return len({find(i) for i in range(n)})
+def _eigvalsh(g: torch.Tensor) -> np.ndarray:
+    """Eigenvalues of a symmetric float64 matrix (LAPACK through NumPy: torch's threaded path
+    can stall badly on an oversubscribed CPU)."""
+    return np.linalg.eigvalsh(g.numpy())
 
 
 def _spectral(lam: np.ndarray, m: int) -> dict[str, float]:
@@ -157,30 +165,46 @@ def _core(
         out["_sim"] = None
         return out
 
-    fk = f[kept_idx]
+    fk = f[kept_idx] if ck < c else f
     mu = mean[kept_idx]
-    gram_plain = fk @ fk.T  # C′×C′, the only C²·M product
-    gram_c = gram_plain - m * torch.outer(mu, mu)
-    nrm_p = gram_plain.diagonal().clamp_min(1e-300).sqrt()
+    # C′×C′ matrices are built in place (no outer products): at C = 2048 every fresh 32 MB
+    # array costs more in page faults than the arithmetic
+    gram = fk @ fk.T  # the only C²·M product
+    gram_c = torch.addr(gram, mu, mu, alpha=-float(m))  # = X Xᵀ of the row-centred matrix
+    nrm_p = gram.diagonal().clamp_min(1e-300).sqrt()
     nrm_c = gram_c.diagonal().clamp_min(1e-300).sqrt()
-    s_plain = gram_plain / torch.outer(nrm_p, nrm_p)
-    s_cent = gram_c / torch.outer(nrm_c, nrm_c)
+
+    # spectrum through the smaller Gram (non-zero eigenvalues of X Xᵀ and Xᵀ X coincide)
+    if ck <= m:
+        lam = _eigvalsh(gram_c)
+        if scale == "correlation":  # standardised rows: X Xᵀ = (M−1)·R
+            r = gram_c / nrm_c[:, None] / nrm_c[None, :] * (m - 1)
+            lam = _eigvalsh(r)
+    else:
+        x = fk - mu[:, None]
+        if scale == "correlation":
+            x = x / (nrm_c / math.sqrt(max(m - 1, 1)))[:, None]
+        lam = _eigvalsh(x.T @ x)  # M×M
+
+    s_plain = gram.div_(nrm_p[:, None]).div_(nrm_p[None, :]).clamp_(-1.0, 1.0)
+    s_cent = gram_c.div_(nrm_c[:, None]).div_(nrm_c[None, :]).clamp_(-1.0, 1.0)
     s_plain.fill_diagonal_(1.0)
     s_cent.fill_diagonal_(1.0)
-    s = (s_cent if centred else s_plain).clamp(-1.0, 1.0)
+    s, other = (s_cent, s_plain) if centred else (s_plain, s_cent)
 
     if ck >= 2:
-        a = s.abs().numpy()
-        off = ~np.eye(ck, dtype=bool)
-        iu = np.triu_indices(ck, 1)
-        out["mean_abs_cos_plain"] = float(np.abs(s_plain.clamp(-1, 1).numpy())[iu].mean())
-        out["mean_abs_cos_centred"] = float(np.abs(s_cent.clamp(-1, 1).numpy())[iu].mean())
-        out["mean_abs_cos"] = out["mean_abs_cos_centred" if centred else "mean_abs_cos_plain"]
-        out["share_pairs_above_tau"] = float((a[iu] > tau).mean())
-        mi = np.where(off, a, -np.inf).max(axis=1)
-        out["near_duplicate_fraction"] = float((mi > tau).mean())
-        adj = (a > tau) & off
-        comps = _components(adj)
+        pairs = ck * (ck - 1)
+        a = s.abs()
+        a.fill_diagonal_(0.0)
+        sel_mean = float(a.sum()) / pairs
+        oth_mean = (float(other.abs_().sum()) - ck) / pairs  # ``other`` is not needed afterwards
+        out["mean_abs_cos"] = sel_mean
+        out["mean_abs_cos_centred"] = sel_mean if centred else oth_mean
+        out["mean_abs_cos_plain"] = oth_mean if centred else sel_mean
+        adj = a > tau
+        out["share_pairs_above_tau"] = float(adj.sum()) / pairs
+        out["near_duplicate_fraction"] = float((a.amax(dim=1) > tau).double().mean())
+        comps = _components(adj.numpy())
     else:
         for k in ("mean_abs_cos_plain", "mean_abs_cos_centred", "mean_abs_cos", "share_pairs_above_tau"):
             out[k] = nan
@@ -189,19 +213,6 @@ def _core(
     out["distinct_channels"] = comps
     out["distinct_fraction"] = comps / ck
 
-    # spectrum through the smaller Gram
-    if scale == "correlation":
-        if ck <= m:
-            lam = torch.linalg.eigvalsh(s_cent * (m - 1)).numpy()  # standardised rows: X Xᵀ = (M−1)·R
-        else:
-            x = (fk - mu[:, None]) / (var[kept_idx].sqrt()[:, None] * math.sqrt(m / max(m - 1, 1)))
-            lam = torch.linalg.eigvalsh(x.T @ x).numpy()
-    else:
-        if ck <= m:
-            lam = torch.linalg.eigvalsh(gram_c).numpy()
-        else:
-            x = fk - mu[:, None]
-            lam = torch.linalg.eigvalsh(x.T @ x).numpy()  # M×M, same non-zero eigenvalues
     spec = _spectral(lam, m)
     out.update(spec)
     out["erank_ratio"] = spec["erank"] / ck
@@ -216,12 +227,18 @@ def _display_matrix(
     sim: np.ndarray, kept_idx: np.ndarray, c: int, *, max_channels: int | None, order: bool
 ) -> dict[str, Any]:
     """C×C display matrix (NaN rows/cols for excluded channels), subsampled and optionally ordered."""
-    full = np.full((c, c), np.nan)
-    full[np.ix_(kept_idx, kept_idx)] = sim
     idx = np.arange(c)
     if max_channels is not None and c > max_channels:
         idx = np.unique(np.linspace(0, c - 1, max_channels).round().astype(int))
-    sub = full[np.ix_(idx, idx)]
+    pos = np.full(c, -1)
+    pos[kept_idx] = np.arange(len(kept_idx))
+    p = pos[idx]
+    if (p >= 0).all():
+        sub = sim[np.ix_(p, p)] if len(p) < sim.shape[0] or not (np.diff(p) == 1).all() else sim.copy()
+    else:
+        sub = np.full((len(idx), len(idx)), np.nan)
+        ok = np.nonzero(p >= 0)[0]
+        sub[np.ix_(ok, ok)] = sim[np.ix_(p[ok], p[ok])]
     if order and len(idx) > 2:
         sub, idx = _order(sub, idx)
     return {"matrix": sub, "channels": idx.tolist(), "subsampled": len(idx) < c, "ordered": bool(order)}

@@ -371,7 +371,7 @@ def theoretical_rf(
         stage_rows.append(describe(name))
     label = f"{main['r']} px local" + (f" (clipped to {main['r_clipped']})" if main["r"] > max(size) else "")
     if main["global_via"]:
-        label += f"; global (via {', '.join(main['global_via'])})"
+        label += f"; global (via {_summarise(main['global_via'])})"
     return {
         "layer": layer,
         "input_size": list(size),
@@ -385,6 +385,15 @@ def theoretical_rf(
         "variants": [v for v in variants if layer is None or _before(v["site"], last.get(layer), graph)],
         "method": "torch.fx",
     }
+
+
+def _summarise(sources: Sequence[str]) -> str:
+    """"SAConv GAP pre/post context (layer1.0.conv2)" ×13 -> "SAConv GAP pre/post context (13 sites)"."""
+    counts: dict[str, list[str]] = {}
+    for g in sources:
+        key = g.rsplit(" (", 1)[0] if g.endswith(")") else g
+        counts.setdefault(key, []).append(g)
+    return ", ".join(v[0] if len(v) == 1 else f"{k} ({len(v)} sites)" for k, v in counts.items())
 
 
 def _before(site: str, node: fx.Node | None, graph: fx.Graph) -> bool:

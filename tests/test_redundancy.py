@@ -1,0 +1,238 @@
+"""Known-answer tests for viz.redundancy (analysis.md §3.2)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from viz.redundancy import cka_matrix, linear_cka, redundancy_metrics, similarity_matrix, summary
+
+
+def _orthogonal_channels(c: int, n: int = 2, h: int = 8, w: int = 8, seed: int = 0) -> torch.Tensor:
+    """N×C×H×W whose centred channels are exactly orthogonal with equal variance."""
+    g = torch.Generator().manual_seed(seed)
+    m = n * h * w
+    q, _ = torch.linalg.qr(torch.randn(m, c, generator=g, dtype=torch.float64))
+    q = q - q.mean(dim=0, keepdim=True)  # centre, then re-orthonormalise in the centred subspace
+    q, _ = torch.linalg.qr(q)
+    q = q - q.mean(dim=0, keepdim=True)
+    f = (q / q.norm(dim=0, keepdim=True)).T * 3.0 + 5.0  # C×M, offsets do not matter for centred metrics
+    return f.reshape(c, n, h, w).transpose(0, 1).contiguous()
+
+
+def test_identical_channels():
+    torch.manual_seed(0)
+    base = torch.randn(2, 1, 6, 6)
+    acts = base.repeat(1, 16, 1, 1) * torch.linspace(0.5, 2.0, 16).view(1, 16, 1, 1)  # scaled copies
+    r = redundancy_metrics(acts)
+    assert r["mean_abs_cos"] == pytest.approx(1.0, abs=1e-9)
+    assert r["mean_abs_cos_plain"] == pytest.approx(1.0, abs=1e-9)
+    assert r["near_duplicate_fraction"] == 1.0
+    assert r["share_pairs_above_tau"] == 1.0
+    assert r["distinct_channels"] == 1
+    assert r["erank"] == pytest.approx(1.0, abs=1e-4)
+    assert r["participation_ratio"] == pytest.approx(1.0, abs=1e-6)
+    assert r["k90"] == 1
+    assert r["C_kept"] == 16 and r["dead_fraction"] == 0.0
+
+
+@pytest.mark.parametrize("c", [8, 10, 31])
+def test_orthogonal_equal_variance(c):
+    acts = _orthogonal_channels(c)
+    r = redundancy_metrics(acts)
+    assert r["mean_abs_cos_centred"] == pytest.approx(0.0, abs=1e-9)
+    assert r["near_duplicate_fraction"] == 0.0
+    assert r["distinct_channels"] == c
+    assert r["erank"] == pytest.approx(c, rel=1e-9)
+    assert r["participation_ratio"] == pytest.approx(c, rel=1e-9)
+    assert r["k90"] == math.ceil(0.9 * c)
+    assert r["k95"] == math.ceil(0.95 * c)
+    assert r["erank_ratio"] == pytest.approx(1.0)
+    # the plain cosine sees the common offset (+5) and is biased high
+    assert r["mean_abs_cos_plain"] > 0.5
+
+
+def test_orthogonal_via_small_gram_when_m_below_c():
+    """M < C′ takes the M×M Gram route; the spectrum must still be right (rank ≤ M − 1)."""
+    torch.manual_seed(1)
+    k, c = 5, 64
+    n, h, w = 1, 4, 4  # M = 16 < C
+    basis = torch.randn(k, n * h * w, dtype=torch.float64)
+    mix = torch.randn(c, k, dtype=torch.float64)
+    f = mix @ basis
+    acts = f.reshape(c, n, h, w).transpose(0, 1)
+    r = redundancy_metrics(acts)
+    f_c = f - f.mean(dim=1, keepdim=True)
+    sv = torch.linalg.svdvals(f_c).numpy()
+    sv = sv[sv > sv[0] * 1e-6]
+    p = sv / sv.sum()
+    assert r["erank"] == pytest.approx(float(np.exp(-(p * np.log(p)).sum())), rel=1e-8)
+    lam = sv**2
+    assert r["participation_ratio"] == pytest.approx(float(lam.sum() ** 2 / (lam**2).sum()), rel=1e-8)
+    assert r["rank_cap"] == 15
+    assert r["warning"] and "10·C'" in r["warning"]
+
+
+@pytest.mark.parametrize("k", [1, 3, 7])
+def test_rank_k_construction(k):
+    """C channels that are mixes of k equal-variance orthogonal sources: k90 ≤ k, erank ≤ k."""
+    src = _orthogonal_channels(k, n=4, h=8, w=8, seed=k).transpose(0, 1).reshape(k, -1)
+    g = torch.Generator().manual_seed(k)
+    q, _ = torch.linalg.qr(torch.randn(32, 32, generator=g, dtype=torch.float64))
+    mix = q[:, :k]  # orthonormal columns: the k sources keep equal variance in the mixture
+    f = mix @ (src - src.mean(dim=1, keepdim=True))
+    acts = f.reshape(32, 4, 8, 8).transpose(0, 1)
+    r = redundancy_metrics(acts)
+    assert r["erank"] == pytest.approx(k, rel=1e-6)
+    assert r["participation_ratio"] == pytest.approx(k, rel=1e-6)
+    assert r["k90"] == math.ceil(0.9 * k)
+    assert r["stable_rank"] == pytest.approx(k, rel=1e-6)
+
+
+def test_dead_and_constant_channels_are_excluded():
+    acts = _orthogonal_channels(6, seed=3).float()
+    dead = torch.zeros(2, 2, 8, 8)
+    const = torch.full((2, 1, 8, 8), 3.0)
+    full = torch.cat([acts, dead, const], dim=1)  # C = 9, C′ = 6
+    r = redundancy_metrics(full)
+    assert r["C"] == 9 and r["C_kept"] == 6
+    assert r["dead_fraction"] == pytest.approx(2 / 9)
+    assert r["constant_fraction"] == pytest.approx(1 / 9)
+    assert r["sparsity"] == pytest.approx(2 / 9)
+    assert r["erank"] == pytest.approx(6, rel=1e-5)
+    assert r["distinct_channels"] == 6
+    sim = r["similarity"]
+    assert np.isnan(sim["matrix"][6]).all() and np.isfinite(sim["matrix"][:6, :6]).all()
+
+
+def test_all_dead():
+    r = redundancy_metrics(torch.zeros(1, 4, 3, 3))
+    assert r["C_kept"] == 0 and r["dead_fraction"] == 1.0
+    assert r["erank"] is None and r["warning"]
+
+
+def test_per_image_mode_and_sample_warning():
+    acts = torch.randn(3, 4, 2, 2)
+    r = redundancy_metrics(acts, per_image=True)
+    assert r["mode"] == "per-image" and r["M"] == 4
+    assert r["warning"] is not None
+    r2 = redundancy_metrics(torch.randn(4, 4, 8, 8))
+    assert r2["mode"] == "pooled" and r2["M"] == 256 and r2["warning"] is None
+
+
+def test_similarity_matrix_signed_and_subsampled():
+    torch.manual_seed(0)
+    x = torch.randn(2, 1, 5, 5)
+    acts = torch.cat([x, -x, torch.randn(2, 1, 5, 5)], dim=1)
+    s = similarity_matrix(acts)
+    assert s.shape == (3, 3)
+    assert s[0, 1] == pytest.approx(-1.0, abs=1e-9)
+    assert np.allclose(np.diag(s), 1.0)
+    big = torch.randn(1, 300, 6, 6)
+    r = redundancy_metrics(big, max_display=64, order=True)
+    assert r["similarity"]["matrix"].shape == (64, 64) and r["similarity"]["subsampled"]
+    assert sorted(r["similarity"]["channels"]) == r["similarity"]["channels"] or r["similarity"]["ordered"]
+    js = summary(r)
+    assert "similarity" not in js
+
+
+def test_metrics_match_naive_cosine():
+    torch.manual_seed(2)
+    acts = torch.relu(torch.randn(2, 12, 7, 7))
+    r = redundancy_metrics(acts, centred=False, tau=0.5)
+    f = acts.double().transpose(0, 1).reshape(12, -1)
+    fn = f / f.norm(dim=1, keepdim=True)
+    s = (fn @ fn.T).numpy()
+    iu = np.triu_indices(12, 1)
+    assert r["mean_abs_cos"] == pytest.approx(np.abs(s[iu]).mean(), rel=1e-10)
+    assert r["share_pairs_above_tau"] == pytest.approx((np.abs(s[iu]) > 0.5).mean())
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="tau"):
+        redundancy_metrics(torch.randn(1, 2, 3, 3), tau=1.5)
+    with pytest.raises(ValueError, match="scale"):
+        redundancy_metrics(torch.randn(1, 2, 3, 3), scale="bogus")
+    with pytest.raises(ValueError, match="4-D"):
+        redundancy_metrics(torch.randn(2, 2, 2, 2, 2))
+
+
+# --------------------------------------------------------------------------------------- CKA
+
+
+@pytest.mark.parametrize("unbiased", [False, True])
+def test_cka_invariances(unbiased):
+    torch.manual_seed(0)
+    x = torch.randn(40, 12, dtype=torch.float64)
+    q, _ = torch.linalg.qr(torch.randn(12, 12, dtype=torch.float64))
+    assert linear_cka(x, x, unbiased=unbiased) == pytest.approx(1.0, abs=1e-10)
+    assert linear_cka(x, 3.7 * x @ q, unbiased=unbiased) == pytest.approx(1.0, abs=1e-10)
+    assert linear_cka(x, x + 5.0, unbiased=unbiased) == pytest.approx(1.0, abs=1e-10)
+
+
+def test_cka_matches_kernel_formula():
+    """Feature-space computation equals the n×n kernel formula (independent implementation)."""
+    torch.manual_seed(3)
+    x = torch.randn(30, 50, dtype=torch.float64)  # n < p: kernel route inside
+    y = torch.randn(30, 7, dtype=torch.float64) + x[:, :7]
+    n = 30
+    h = torch.eye(n, dtype=torch.float64) - 1.0 / n
+    k, l_ = x @ x.T, y @ y.T
+    kc, lc = h @ k @ h, h @ l_ @ h
+    biased = float((kc * lc).sum() / torch.sqrt((kc * kc).sum() * (lc * lc).sum()))
+    assert linear_cka(x, y, unbiased=False) == pytest.approx(biased, rel=1e-10)
+
+    def hsic1(k, l_):
+        k, l_ = k.clone(), l_.clone()
+        k.fill_diagonal_(0)
+        l_.fill_diagonal_(0)
+        one = torch.ones(n, 1, dtype=torch.float64)
+        t = torch.trace(k @ l_) + (one.T @ k @ one) * (one.T @ l_ @ one) / ((n - 1) * (n - 2))
+        t = t - 2.0 / (n - 2) * (one.T @ k @ l_ @ one)
+        return float(t / (n * (n - 3)))
+
+    unb = hsic1(k, l_) / math.sqrt(hsic1(k, k) * hsic1(l_, l_))
+    assert linear_cka(x, y, unbiased=True) == pytest.approx(unb, rel=1e-9)
+    # same numbers through the n > p (feature-space) route
+    x2, y2 = x[:, :5], y[:, :5]
+    k2, l2 = x2 @ x2.T, y2 @ y2.T
+    unb2 = hsic1(k2, l2) / math.sqrt(hsic1(k2, k2) * hsic1(l2, l2))
+    assert linear_cka(x2, y2, unbiased=True) == pytest.approx(unb2, rel=1e-9)
+
+
+def test_cka_independent_is_small_and_biased_inflated():
+    torch.manual_seed(4)
+    x = torch.randn(60, 1000, dtype=torch.float64)
+    y = torch.randn(60, 1000, dtype=torch.float64)
+    b = linear_cka(x, y, unbiased=False)
+    u = linear_cka(x, y, unbiased=True)
+    assert b > 0.8  # independent features, yet n ≪ p inflates the biased estimator (≈ 0.94 here)
+    assert abs(u) < 0.15  # the unbiased one stays near 0 (sd ≈ 0.03 at this n, p)
+
+
+def test_cka_modes_and_minibatches():
+    torch.manual_seed(5)
+    a = torch.randn(6, 8, 4, 4)
+    b = torch.nn.functional.conv2d(a, torch.randn(5, 8, 1, 1))  # linear map per position
+    assert 0.0 <= linear_cka(a, b, mode="positions", unbiased=False) <= 1.0
+    assert linear_cka(a, a * 2, mode="images") == pytest.approx(1.0, abs=1e-10)
+    with pytest.raises(ValueError, match="h×w"):
+        linear_cka(a, torch.randn(6, 8, 2, 2), mode="positions")
+    with pytest.raises(ValueError, match="n >= 4"):
+        linear_cka(a[:2], a[:2], mode="images", unbiased=True)
+    # minibatch accumulation of a perfectly related pair stays 1
+    parts = [torch.randn(8, 6) for _ in range(3)]
+    assert linear_cka(parts, [2 * p for p in parts]) == pytest.approx(1.0, abs=1e-10)
+
+
+def test_cka_matrix_structure():
+    torch.manual_seed(6)
+    base = {"s1": torch.randn(5, 4, 8, 8), "s2": torch.randn(5, 6, 4, 4)}
+    var = {"s1": base["s1"] * 2, "s2": torch.randn(5, 6, 4, 4)}
+    res = cka_matrix(base, var, mode="positions")
+    assert res["matrix"].shape == (2, 2)
+    assert res["matrix"][0, 0] == pytest.approx(1.0)
+    assert np.isnan(res["matrix"][0, 1]) and "s1|s2" in res["notes"]
