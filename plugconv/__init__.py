@@ -7,6 +7,7 @@ calibration (``calibrate``). ``plugconv`` never imports gradio, matplotlib, plot
 
 from plugconv.backbones import Backbone, WeightsInfo, list_backbones, load_backbone
 from plugconv.base import ConvVariant, Tap
+from plugconv.calibrate import CalibrationReport, calibrate, calibrate_cached
 from plugconv.registry import UnknownVariantError, create_conv, get_conv, list_convs, register_conv
 from plugconv.surgery import Site, SwapResult, find_sites, fuse_model, swap_convs
 
@@ -15,6 +16,9 @@ __all__ = [
     "WeightsInfo",
     "list_backbones",
     "load_backbone",
+    "CalibrationReport",
+    "calibrate",
+    "calibrate_cached",
     "ConvVariant",
     "Site",
     "SwapResult",

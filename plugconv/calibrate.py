@@ -78,6 +78,7 @@ DEFAULTS: dict[str, Any] = {
     "samples": 32,
     "eval_samples": 16,
     "temperature": 2.0,
+    "vector_lr_mult": 10.0,
 }
 
 
@@ -267,6 +268,22 @@ def _fresh_bns(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
     return out
 
 
+def _param_groups(params: Sequence[torch.Tensor], lr: float, vector_mult: float) -> list[dict[str, Any]]:
+    """Adam groups: kernels (ndim >= 2) at ``lr``; vectors (norm affines, biases, gates) at ``lr * vector_mult``.
+
+    Kernels have entries of size ~sqrt(2 / fan_in) (0.06 for a 64-channel 3x3) while norm scales sit
+    near 1 and often must move by O(1) (e.g. when the fitted site must output a smaller scale than its
+    freshly normalised branches); Adam's steps are about ``lr`` in every coordinate, so one rate is
+    either too large for kernels or too slow for scales.
+    """
+    mats = [p for p in params if p.ndim >= 2]
+    vecs = [p for p in params if p.ndim < 2]
+    groups = [{"params": mats, "lr": lr}] if mats else []
+    if vecs:
+        groups.append({"params": vecs, "lr": lr * vector_mult})
+    return groups
+
+
 def _chunks(n: int, size: int) -> list[slice]:
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
@@ -387,6 +404,7 @@ def calibrate(
     samples: int = DEFAULTS["samples"],
     eval_samples: int = DEFAULTS["eval_samples"],
     temperature: float = DEFAULTS["temperature"],
+    vector_lr_mult: float = DEFAULTS["vector_lr_mult"],
     sites: Sequence[str] | None = None,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
@@ -411,6 +429,8 @@ def calibrate(
         samples: number of training crops (random resized crops + flips of ``images``).
         eval_samples: number of held-out crops (a separate augmentation stream) for the report.
         temperature: softmax temperature T of the end-to-end phase (the loss is scaled by T²).
+        vector_lr_mult: learning-rate multiplier for 1-D parameters (norm scales and shifts,
+            biases) relative to kernels; see ``_param_groups``.
         sites: site paths to calibrate; default every swapped site whose provenance is
             "initialised" or "calibrated" (exact and trained sites are left alone).
         mean, std: input normalisation of the teacher.
@@ -434,7 +454,8 @@ def calibrate(
                         ("crop", crop, 8), ("samples", samples, 1), ("eval_samples", eval_samples, 1)):
         if not isinstance(v, int) or v < lo:
             raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
-    for name, fv in (("lr", lr), ("e2e_lr", e2e_lr), ("temperature", temperature)):
+    for name, fv in (("lr", lr), ("e2e_lr", e2e_lr), ("temperature", temperature),
+                     ("vector_lr_mult", vector_lr_mult)):
         if not (isinstance(fv, (int, float)) and math.isfinite(fv) and fv > 0):
             raise ValueError(f"{name} must be a positive number, got {fv!r}")
     imgs = _check_images(images)
@@ -451,7 +472,7 @@ def calibrate(
     options = {
         "steps": steps, "e2e_steps": e2e_steps, "lr": lr, "e2e_lr": e2e_lr, "batch_size": batch_size,
         "crop": crop, "samples": samples, "eval_samples": eval_samples, "temperature": temperature,
-        "mean": list(mean), "std": list(std),
+        "vector_lr_mult": vector_lr_mult, "mean": list(mean), "std": list(std),
     }
 
     def report(frac: float, msg: str) -> None:
@@ -513,7 +534,7 @@ def calibrate(
                 p.requires_grad_(True)
             fit_span = 0.85 if e2e_steps else 0.9
             if steps and params:
-                opt = torch.optim.Adam(params, lr=lr)
+                opt = torch.optim.Adam(_param_groups(params, lr, vector_lr_mult))
                 sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
                 order = torch.randperm(samples, generator=gen)
                 pos = 0
@@ -541,7 +562,7 @@ def calibrate(
                             f"mean relative error {float(loss.detach()) / len(losses):.4f}",
                         )
             if e2e_steps and params:
-                opt = torch.optim.Adam(params, lr=e2e_lr)
+                opt = torch.optim.Adam(_param_groups(params, e2e_lr, vector_lr_mult))
                 sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=e2e_steps)
                 order, pos = torch.randperm(samples, generator=gen), 0
                 every = max(1, e2e_steps // 20)
@@ -634,7 +655,8 @@ def state_sha256(module: nn.Module) -> str:
     for k, v in module.state_dict().items():
         t = v.detach().cpu().contiguous()
         h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 

@@ -1,0 +1,1 @@
+"""Benchmark scripts (``python -m benchmarks.<name>``): they print numbers; they are not tests."""
