@@ -49,14 +49,22 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from plugconv.backbones import Backbone, WeightsInfo
 from plugconv.surgery import SwapResult, swap_convs
-from plugconv.weights import WeightsError, load_state_dict_checked, load_state_dict_file, resolve_weights_file
+from plugconv.weights import (
+    WeightsError,
+    load_state_dict_checked,
+    load_state_dict_file,
+    resolve_weights_file,
+    sha256_file,
+)
 
 __all__ = [
     "SCNET_ARCHS",
     "ScnetArch",
     "build_scnet_host",
     "detect_scnet_arch",
+    "load_scnet_backbone",
     "load_scnet_checkpoint",
     "map_scnet_state_dict",
 ]
@@ -233,7 +241,7 @@ def load_scnet_checkpoint(
         SwapResult: eval-mode model (N×3×H×W ImageNet-normalised images, H, W ≥ 128 so that
         ``layer4`` sees ≥ 4×4 → N×1000 logits), ``variant="selfcal"``, every ``conv2`` site with
         provenance ``"trained"``, ``exact=False``, options ``{"upsample": "nearest",
-        "checkpoint": <file name or "state_dict">, "arch": arch}``.
+        "checkpoint": <file name or "state_dict">, "sha256": <of the file or None>, "arch": arch}``.
 
     Raises:
         ValueError: unknown ``arch``.
@@ -241,6 +249,7 @@ def load_scnet_checkpoint(
             architecture (the message names it), or keys/shapes that do not fit.
     """
     a = _arch(arch)
+    digest: str | None = None
     if isinstance(path_or_state_dict, Mapping):
         sd = dict(path_or_state_dict)
         label = "state_dict"
@@ -252,6 +261,7 @@ def load_scnet_checkpoint(
         )
         sd = load_state_dict_file(path)
         label = path.name
+        digest = sha256_file(path)
     found = detect_scnet_arch(sd)
     if found != a.name:
         raise WeightsError(
@@ -286,5 +296,37 @@ def load_scnet_checkpoint(
         result,
         model=model,
         provenance=dict.fromkeys(result.swapped, "trained"),
-        options={"upsample": "nearest", "checkpoint": label, "arch": a.name},
+        options={"upsample": "nearest", "checkpoint": label, "sha256": digest, "arch": a.name},
     )
+
+
+def load_scnet_backbone(
+    path: str | os.PathLike[str],
+    arch: str = "scnet50",
+    *,
+    device: str | torch.device = "auto",
+    weights_dir: str | os.PathLike[str] | None = None,
+) -> tuple[Backbone, SwapResult]:
+    """An official SCNet checkpoint as a :class:`~plugconv.backbones.Backbone` (ImageNet
+    preprocessing, as the SCNet README asks), plus the ``SwapResult`` that says which sites are
+    ``selfcal`` with provenance ``"trained"``.
+
+    Raises:
+        Same as :func:`load_scnet_checkpoint`.
+    """
+    from plugconv.backbones import IMAGENET_MEAN, IMAGENET_STD, imagenet_categories, resolve_device
+
+    dev = resolve_device(device)
+    result = load_scnet_checkpoint(path, arch, device=dev, weights_dir=weights_dir)
+    where = resolve_weights_file(path, weights_dir) if weights_dir is not None else Path(path)
+    info = WeightsInfo(
+        source="file",
+        location=str(where),
+        sha256=result.options["sha256"],
+        description=(
+            f"official SCNet checkpoint {where.name} ({arch}, reported ImageNet top-1 "
+            f"{SCNET_ARCHS[arch].top1:.2f} %), mapped onto a selfcal-swapped ResNet"
+        ),
+    )
+    backbone = Backbone(arch, result.model, 224, IMAGENET_MEAN, IMAGENET_STD, imagenet_categories(), info, dev)
+    return backbone, result

@@ -10,6 +10,7 @@ through ``load_scnet_checkpoint``.
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 import pytest
@@ -22,6 +23,7 @@ from plugconv.checkpoints import (
     SCNET_ARCHS,
     build_scnet_host,
     detect_scnet_arch,
+    load_scnet_backbone,
     load_scnet_checkpoint,
     map_scnet_state_dict,
 )
@@ -191,13 +193,17 @@ def test_mapping_reproduces_official_outputs(arch: str, tmp_path) -> None:
     sd = randomise(oracle, seed=1)
     oracle.load_state_dict(sd, strict=True)
     oracle.eval()
-    if arch == "scnet50":  # through a file (weights_only torch.load), the other straight from memory
+    if arch == "scnet50":  # through a file (weights_only torch.load), as a Backbone
         source = tmp_path / f"{arch}.pth"
         torch.save(sd, source)
-    else:
-        source = sd
-
-    result = load_scnet_checkpoint(source, arch=arch)
+        backbone, result = load_scnet_backbone(source, arch=arch, device="cpu")
+        assert backbone.model is result.model and backbone.name == arch
+        assert backbone.weights.source == "file" and backbone.weights.location == str(source)
+        assert backbone.weights.sha256 == hashlib.sha256(source.read_bytes()).hexdigest()
+        assert result.options["sha256"] == backbone.weights.sha256
+    else:  # straight from memory
+        result = load_scnet_checkpoint(sd, arch=arch)
+        assert result.options["sha256"] is None
     assert result.variant == "selfcal"
     assert len(result.swapped) == sum(SCNET_ARCHS[arch].layers)
     assert set(result.provenance.values()) == {"trained"}
