@@ -40,9 +40,9 @@ from torch import nn
 
 from plugconv.weights import (
     WeightsError,
+    confine_weights_path,
     load_state_dict_checked,
     load_state_dict_file,
-    resolve_weights_file,
     sha256_file,
 )
 
@@ -467,7 +467,7 @@ def _build(name: str) -> _Spec:
 
 
 def _file_weights(name: str, model: nn.Module, weights: str | os.PathLike[str], weights_dir) -> WeightsInfo:
-    path = resolve_weights_file(weights, weights_dir) if weights_dir is not None else Path(weights)
+    path = confine_weights_path(weights, weights_dir)
     sd = load_state_dict_file(path)
     if name == DEFAULT_OFFLINE_BACKBONE and set(sd) != set(model.state_dict()) and any(k.startswith("_blocks.") for k in sd):
         sd = map_by_order(sd, model, what=path.name)  # the original (lukemelas-style) key layout
@@ -494,7 +494,8 @@ def load_backbone(
         weights: ``"default"`` (torchvision's ImageNet weights from the torch hub cache or a
             download; the bundled weights for ``efficientnet_lite0``), ``"random"``, or a
             ``.safetensors``/``.pth``/``.pt`` file. With ``weights_dir`` set, a file is a name
-            inside that directory (nothing else can be read).
+            inside that directory, or an absolute path whose real path lies inside it (nothing
+            else can be read).
         device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:1"``, or a ``torch.device``.
         weights_dir: directory weight files are confined to (the app sets it).
 

@@ -44,7 +44,6 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -53,9 +52,9 @@ from plugconv.backbones import Backbone, WeightsInfo
 from plugconv.surgery import SwapResult, swap_convs
 from plugconv.weights import (
     WeightsError,
+    confine_weights_path,
     load_state_dict_checked,
     load_state_dict_file,
-    resolve_weights_file,
     sha256_file,
 )
 
@@ -235,7 +234,8 @@ def load_scnet_checkpoint(
             ``.safetensors`` file, or an already loaded state dict in the official key layout.
         arch: ``"scnet50"``, ``"scnet101"`` or ``"scnet50_v1d"``; must match the file.
         device: where the model goes.
-        weights_dir: when set, a path is a name inside this directory (as in ``load_backbone``).
+        weights_dir: when set, a path must be a name inside this directory (or an absolute path
+            that really lies inside it), as in ``load_backbone``.
 
     Returns:
         SwapResult: eval-mode model (N×3×H×W ImageNet-normalised images, H, W ≥ 128 so that
@@ -254,11 +254,7 @@ def load_scnet_checkpoint(
         sd = dict(path_or_state_dict)
         label = "state_dict"
     else:
-        path = (
-            resolve_weights_file(path_or_state_dict, weights_dir)
-            if weights_dir is not None
-            else Path(path_or_state_dict)
-        )
+        path = confine_weights_path(path_or_state_dict, weights_dir)
         sd = load_state_dict_file(path)
         label = path.name
         digest = sha256_file(path)
@@ -318,7 +314,7 @@ def load_scnet_backbone(
 
     dev = resolve_device(device)
     result = load_scnet_checkpoint(path, arch, device=dev, weights_dir=weights_dir)
-    where = resolve_weights_file(path, weights_dir) if weights_dir is not None else Path(path)
+    where = confine_weights_path(path, weights_dir)
     info = WeightsInfo(
         source="file",
         location=str(where),

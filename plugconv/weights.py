@@ -284,6 +284,28 @@ def resolve_weights_file(name: str | os.PathLike[str], weights_dir: str | os.Pat
     return real
 
 
+def confine_weights_path(path: str | os.PathLike[str], weights_dir: str | os.PathLike[str] | None) -> Path:
+    """``path`` checked against ``weights_dir`` (no check when ``weights_dir`` is None).
+
+    A relative name goes through :func:`resolve_weights_file`; an absolute path is accepted only
+    when its real path (symlinks followed) lies inside ``weights_dir`` (e.g. a path the app already
+    resolved), and then passes the same checks.
+
+    Raises:
+        WeightsError: as :func:`resolve_weights_file`, or an absolute path outside the directory.
+    """
+    if weights_dir is None:
+        return Path(path)
+    p = Path(path)
+    if not p.is_absolute():
+        return resolve_weights_file(path, weights_dir)
+    root = Path(weights_dir).resolve()
+    real = p.resolve()
+    if not _inside(real, root):
+        raise WeightsError(f"weights file {str(p)!r} is outside the weights directory; pass a name inside it")
+    return resolve_weights_file(real.relative_to(root).as_posix(), root)
+
+
 def list_weights_files(weights_dir: str | os.PathLike[str] | None) -> list[str]:
     """Weight files available in ``weights_dir`` (relative names, sorted), for the app's dropdown.
 

@@ -166,8 +166,14 @@ def test_weights_dir_confines_file_names(tmp_path) -> None:
     assert_loaded(b.model, sd)
     with pytest.raises(WeightsError, match=r"may not contain '\.\.'"):
         load_backbone("resnet18", weights="../outside.pth", weights_dir=wdir, device="cpu")
-    with pytest.raises(WeightsError, match="absolute path"):
+    with pytest.raises(WeightsError, match="outside the weights directory"):
         load_backbone("resnet18", weights=str(tmp_path / "outside.pth"), weights_dir=wdir, device="cpu")
+    # an absolute path that really lies inside (the app passes already resolved paths) is fine
+    b = load_backbone("resnet18", weights=str((wdir / "mine.pth").resolve()), weights_dir=wdir, device="cpu")
+    assert b.weights.location == str((wdir / "mine.pth").resolve())
+    (wdir / "link.pth").symlink_to(tmp_path / "outside.pth")
+    with pytest.raises(WeightsError, match="outside the weights directory"):
+        load_backbone("resnet18", weights=str(wdir / "link.pth"), weights_dir=wdir, device="cpu")
 
 
 def test_wrong_architecture_file_lists_the_mismatch(tmp_path) -> None:

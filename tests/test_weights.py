@@ -13,6 +13,7 @@ from torch import nn
 
 from plugconv.weights import (
     WeightsError,
+    confine_weights_path,
     list_weights_files,
     load_state_dict_checked,
     load_state_dict_file,
@@ -216,3 +217,17 @@ def test_list_weights_files_only_lists_files_inside(wdir, tmp_path) -> None:
     assert list_weights_files(wdir) == ["a.pth", "alias.pth", "sub/b.safetensors"]
     assert list_weights_files(tmp_path / "nowhere") == []
     assert list_weights_files(None) == []
+
+
+def test_confine_weights_path(wdir, tmp_path) -> None:
+    assert confine_weights_path("a.pth", wdir) == (wdir / "a.pth").resolve()
+    assert confine_weights_path(str((wdir / "sub" / "b.safetensors").resolve()), wdir) == (
+        wdir / "sub" / "b.safetensors"
+    ).resolve()
+    with pytest.raises(WeightsError, match="outside the weights directory"):
+        confine_weights_path(str(tmp_path / "secret.pth"), wdir)
+    with pytest.raises(WeightsError, match="outside the weights directory"):
+        confine_weights_path(str(wdir / "escape.pth"), wdir)  # absolute, but a symlink out
+    with pytest.raises(WeightsError, match=r"may not contain '\.\.'"):
+        confine_weights_path("../secret.pth", wdir)
+    assert confine_weights_path(str(tmp_path / "secret.pth"), None) == tmp_path / "secret.pth"
