@@ -134,3 +134,30 @@ def test_subcommands_are_registered() -> None:
     assert {"list", "swap"} <= names
     if (ROOT / "plugconv" / "cli_calibrate.py").is_file():
         assert "calibrate" in names
+
+
+def _param_table_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("param_table", ROOT / "scripts" / "param_table.py")
+    mod = importlib.util.module_from_spec(spec)
+    assert spec.loader is not None
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_param_table_doc_is_current_and_known_answers() -> None:
+    """docs/params.md equals what scripts/param_table.py computes now; exact variants match closed forms."""
+    pt = _param_table_module()
+    rows, _ = pt.compute_rows()
+    doc = pt.parse((ROOT / "docs" / "params.md").read_text())
+    assert pt.comparable(doc) == pt.comparable(rows), "docs/params.md is stale: run scripts/param_table.py"
+    by = {r["variant"]: r for r in rows}
+    assert {r["variant"] for r in rows} >= {"conv (baseline)", *list_convs()} - {"conv"}
+    widths = [m.out_channels for n, m in torchvision.models.resnet50().named_modules() if n.endswith("conv2")]
+    assert len(widths) == 16 and by["conv (baseline)"]["params"] == 25_557_032
+    # saconv: ΔW (9C²) + two C×C contexts with bias + the C→1 switch with bias, per site
+    assert by["saconv"]["delta"] == sum(9 * c * c + 2 * (c * c + c) + c + 1 for c in widths)
+    # acb: a 3×1 and a 1×3 kernel + two affine BNs per site; fused: a bias (C) replaces the BN affine (2C)
+    assert by["acb"]["delta"] == sum(6 * c * c + 4 * c for c in widths)
+    assert by["acb (fused, deploy)"]["delta"] == -sum(widths)
