@@ -191,3 +191,20 @@ def test_profile_model_json_and_deploy_form():
     assert prof["param_deltas"]["delta"] > 0
     plain = profile_model(host, 32, latency=False)
     assert plain["deploy"] is None and plain["latency"] is None and plain["form"] is None
+
+
+def test_deform_conv2d_counted_by_custom_formula():
+    """torchvision::deform_conv2d is a custom op (0 FLOPs by default); we count its conv part."""
+
+    class Deform(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(6, 4, 3, 3))
+
+        def forward(self, x):
+            offset = torch.zeros(x.shape[0], 18, x.shape[2], x.shape[3])
+            return torchvision.ops.deform_conv2d(x, offset, self.weight, padding=1)
+
+    rep = count_flops(Deform(), torch.randn(2, 4, 5, 5))
+    assert rep.total_flops == 2 * 2 * 6 * 5 * 5 * 4 * 9
+    assert any("deform_conv2d" in n for n in rep.notes)

@@ -21,9 +21,11 @@ removed in ``finally``; train/eval flags and thread counts are restored.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import platform
 import statistics
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Sequence
@@ -150,12 +152,10 @@ def _deform_conv2d_flop(x_shape, w_shape, *args: Any, out_shape=None, **kwargs: 
 
 def _custom_mapping() -> dict[Any, Any]:
     mapping: dict[Any, Any] = {}
-    try:
-        import torchvision  # noqa: F401  (registers torchvision ops)
-
+    if "torchvision" not in sys.modules:  # its ops cannot run unless torchvision was imported
+        return mapping
+    with contextlib.suppress(AttributeError, RuntimeError):  # torchvision ops always registered
         mapping[torch.ops.torchvision.deform_conv2d] = _deform_conv2d_flop
-    except (ImportError, AttributeError, RuntimeError):  # pragma: no cover - torchvision always present
-        pass
     return mapping
 
 

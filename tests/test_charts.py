@@ -1,0 +1,154 @@
+"""Plotly figure builders: built from real outputs of viz.cost / viz.redundancy on a tiny model."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import plotly.graph_objects as go
+import pytest
+import torch
+from torch import nn
+
+import plugconv
+from viz.charts import (
+    cka_heatmap,
+    cost_by_layer,
+    cost_summary,
+    flops_chart,
+    latency_chart,
+    params_chart,
+    redundancy_by_depth,
+    similarity_grid,
+    similarity_heatmap,
+)
+from viz.cost import profile_model
+from viz.redundancy import cka_matrix, redundancy_metrics, summary
+
+
+class Tiny(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.block = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.pool(self.block(self.stem(x))), 1))
+
+
+@pytest.fixture(scope="module")
+def profiles():
+    torch.manual_seed(0)
+    base = Tiny().eval()
+    acb = plugconv.swap_convs(base, "acb", include="block.0", probe_size=16).model
+    return {
+        "conv": profile_model(base, 16, warmup=0, repeats=2),
+        "acb": profile_model(acb, 16, warmup=0, repeats=2),
+    }
+
+
+def _roundtrip(fig: go.Figure) -> dict:
+    s = fig.to_json()
+    return json.loads(s)
+
+
+@pytest.mark.parametrize("metric", ["latency", "params", "flops", "macs"])
+@pytest.mark.parametrize("kind", ["bar", "line"])
+def test_cost_by_layer(profiles, metric, kind):
+    fig = cost_by_layer(profiles, metric, kind=kind)
+    assert isinstance(fig, go.Figure)
+    assert [t.name for t in fig.data] == ["conv", "acb"]
+    assert all(isinstance(t, go.Bar if kind == "bar" else go.Scatter) for t in fig.data)
+    names = [r["name"] for r in profiles["conv"]["units"]]
+    assert list(fig.data[0].x) == names
+    key = {"latency": "latency_ms", "params": "params", "flops": "flops", "macs": "macs"}[metric]
+    assert list(fig.data[1].y) == [r[key] for r in profiles["acb"]["units"]]
+    assert fig.layout.height == 420
+    d = _roundtrip(fig)
+    assert len(d["data"]) == 2
+    if metric == "latency":
+        assert "median of 2" in fig.layout.title.text and "hook overhead" in fig.layout.title.text
+        assert fig.data[0].error_y.array is not None
+    if metric == "params":
+        # the ACB block has 3 convs + 3 BNs where the baseline has 1 conv
+        i = names.index("block.0")
+        assert fig.data[1].y[i] == 8 * 8 * (9 + 3 + 3) + 3 * 16
+        assert "params" in fig.data[1].customdata[i]
+
+
+def test_wrappers_and_bad_arguments(profiles):
+    assert latency_chart(profiles).data[0].name == "conv"
+    assert params_chart(profiles, kind="line").data[0].mode == "lines+markers"
+    f = flops_chart(profiles, unit="FLOPs")
+    m = flops_chart(profiles, unit="MACs")
+    assert f.data[0].y[0] == 2 * m.data[0].y[0]
+    assert "partial" in f.layout.title.text
+    with pytest.raises(ValueError, match="metric"):
+        cost_by_layer(profiles, "watts")
+    with pytest.raises(ValueError, match="unit"):
+        flops_chart(profiles, unit="GMac")
+    with pytest.raises(ValueError, match="profile_model"):
+        cost_by_layer({"x": {"params": 1}}, "params")
+    s = cost_summary(profiles, height=300)
+    assert len(s.data) == 3 and s.layout.height == 300
+    _roundtrip(s)
+
+
+def _redundancy(seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "stem": redundancy_metrics(torch.relu(torch.randn(2, 8, 8, 8, generator=g))),
+        "block": summary(redundancy_metrics(torch.relu(torch.randn(2, 8, 4, 4, generator=g)))),
+    }
+
+
+def test_redundancy_by_depth():
+    data = {"conv": _redundancy(0), "scconv": _redundancy(1)}
+    keys = ("near_duplicate_fraction", "erank_ratio", "pr_ratio")
+    fig = redundancy_by_depth(data, keys, height_per_row=200)
+    assert len(fig.data) == 2 * len(keys)
+    assert {t.name for t in fig.data} == {"conv", "scconv"}
+    assert list(fig.data[1].y) == [data["conv"][n]["erank_ratio"] for n in ("stem", "block")]
+    assert "τ = 0.9" in fig.layout.title.text and fig.layout.height == 200 * 3 + 80
+    # the block layer has M = 32 < 10·C′ → the warning reaches the hover text
+    assert any("⚠" in c for c in fig.data[0].customdata)
+    _roundtrip(fig)
+    with pytest.raises(ValueError, match="unknown redundancy"):
+        redundancy_by_depth(data, ("bogus",))
+
+
+def test_cka_heatmap():
+    g = torch.Generator().manual_seed(2)
+    base = {"s1": torch.randn(6, 4, 4, 4, generator=g), "s2": torch.randn(6, 8, 2, 2, generator=g)}
+    var = {"s1": base["s1"] * 3, "s2": torch.randn(6, 8, 2, 2, generator=g)}
+    cka = cka_matrix(base, var, mode="positions")
+    fig = cka_heatmap(cka, height=350)
+    (hm,) = fig.data
+    assert isinstance(hm, go.Heatmap) and hm.zmin == 0 and hm.zmax == 1
+    assert list(hm.x) == ["s1", "s2"] and list(hm.y) == ["s1", "s2"]
+    assert hm.z[0][0] == pytest.approx(1.0) and hm.z[0][1] is None  # unequal h×w → undefined
+    assert hm.text[0][1] == "n/a"
+    assert "unbiased" in fig.layout.title.text and fig.layout.height == 350
+    _roundtrip(fig)
+
+
+def test_similarity_heatmaps():
+    x = torch.randn(2, 1, 5, 5)
+    acts = torch.cat([x, -x, torch.randn(2, 2, 5, 5), torch.zeros(2, 1, 5, 5)], dim=1)
+    res = redundancy_metrics(acts)
+    fig = similarity_heatmap(res["similarity"])
+    (hm,) = fig.data
+    assert hm.zmid == 0 and hm.zmin == -1 and hm.zmax == 1
+    assert hm.z[0][1] == pytest.approx(-1.0)
+    assert hm.z[4][4] is None  # dead channel: NaN → gap
+    assert hm.colorscale[0][1] != hm.colorscale[-1][1]
+    _roundtrip(fig)
+    unsigned = similarity_heatmap(np.asarray(res["similarity"]["matrix"]), signed=False)
+    assert unsigned.data[0].zmin == 0 and unsigned.data[0].z[0][1] == pytest.approx(1.0)
+    grid = similarity_grid({"conv": res["similarity"], "acb": res["similarity"]["matrix"]})
+    assert len(grid.data) == 2 and [t.showscale for t in grid.data] == [False, True]
+    _roundtrip(grid)
+    with pytest.raises(ValueError, match="square"):
+        similarity_heatmap(np.zeros((2, 3)))
