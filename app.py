@@ -40,7 +40,6 @@ import shutil
 import tempfile
 import threading
 import time
-import weakref
 from collections.abc import Callable, Hashable, Sequence
 from pathlib import Path
 from typing import Any
@@ -95,7 +94,8 @@ class AppConfig:
         erf, redundancy, profile: which parts ``/analyze`` computes (the Profile tab can also be
             refreshed alone through ``/profile``).
         profile_repeats, profile_warmup: timed and warm-up passes of the latency measurement.
-        calibration_steps: steps per site for Calibrate (None = the library's default).
+        calibration_options: options for ``plugconv.calibrate`` as ``(name, value)`` pairs (e.g.
+            ``(("steps", 2), ("crop", 64))`` in tests); empty = the library's defaults.
         calibration_dir: calibrated-weights cache (None = the library's default,
             ``$PLUGCONV_CACHE`` or ``~/.cache/plugconv/calibrated``).
     """
@@ -118,7 +118,7 @@ class AppConfig:
     profile: bool = True
     profile_repeats: int = 10
     profile_warmup: int = 3
-    calibration_steps: int | None = None
+    calibration_options: tuple[tuple[str, Any], ...] = ()
     calibration_dir: Path | None = None
 
     def example_paths(self) -> list[Path]:
@@ -362,10 +362,11 @@ def get_backbone(cfg: AppConfig, name: str, weights: str, device: str):
 
     _check_choice("backbone", name, backbone_choices(cfg))
     dev = resolve_device(device)
-    path = resolve_weights(cfg, weights)
+    resolve_weights(cfg, weights)  # refuses names outside the weights directory before anything loads
 
     def build():
-        bb = load_backbone(name, weights=path, device=dev, weights_dir=None if path in ("default", "random") else cfg.weights_dir)
+        file_dir = None if weights in ("default", "random") else cfg.weights_dir
+        bb = load_backbone(name, weights=weights, device=dev, weights_dir=file_dir)
         if cfg.input_size is not None and cfg.input_size != bb.input_size:
             bb = dataclasses.replace(bb, input_size=int(cfg.input_size))
         return bb
@@ -517,48 +518,20 @@ def analyze_core(cfg: AppConfig, image_src: Any, backbone: str, weights: str, va
             for i, (entry, res) in enumerate(zip(entries, analysis.models)):
                 sub(i / len(entries), f"{entry.label}: cost profile")
                 profiles[entry.label] = model_profile(entry, bb, repeats=cfg.profile_repeats, warmup=cfg.profile_warmup)
-                res.cost = cost_summary_of(profiles[entry.label])
+                res.cost = profiles[entry.label]
         return analysis, profiles
-
-
-_PROFILES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_PROFILES_LOCK = threading.Lock()
 
 
 def model_profile(entry, backbone, *, repeats: int = 10, warmup: int = 3) -> dict[str, Any]:
     """``viz.cost.profile_model`` of a prepared model at the backbone's input size and device
-    (params, FLOPs, whole-model and per-layer latency, per-unit rows), cached for as long as the
-    model lives (cost does not depend on the image)."""
-    from viz.cost import profile_model
+    (params, FLOPs, whole-model and per-layer latency, per-unit rows), through
+    ``viz.analysis.cached_profile``: cached for as long as the model lives, shared with ``analyze``
+    (cost does not depend on the image)."""
+    from viz.analysis import cached_profile
 
-    key = (str(backbone.device), int(backbone.input_size), repeats, warmup)
-    with _PROFILES_LOCK:
-        hit = _PROFILES.get(entry.model, {}).get(key)
-    if hit is not None:
-        return hit
     with entry.lock:
-        prof = profile_model(entry.model, int(backbone.input_size), device=backbone.device, repeats=repeats,
-                             warmup=warmup, per_layer=True, deploy=False)
-    with _PROFILES_LOCK:
-        _PROFILES.setdefault(entry.model, {})[key] = prof
-    return prof
-
-
-def cost_summary_of(prof: dict[str, Any]) -> dict[str, Any]:
-    """A ``viz.cost.profile_model`` dict in the shape ``viz.analysis.ModelResult.cost`` documents:
-    ``{"params", "flops", "macs", "latency_ms", "layers": {name: {...}}, "labels": {...}}``."""
-    lat = prof.get("latency") or {}
-    flops = prof.get("flops") or {}
-    return {
-        "params": (prof.get("params") or {}).get("total"),
-        "flops": flops.get("total_flops"),
-        "macs": flops.get("total_macs"),
-        "latency_ms": lat.get("median_ms"),
-        "layers": {u["name"]: {"params": u.get("params"), "flops": u.get("flops"), "latency_ms": u.get("latency_ms")}
-                   for u in prof.get("units", [])},
-        "labels": {"latency": lat.get("labels"), "flops": "FLOPs (2 per MAC)" + ("" if flops.get("complete", True)
-                                                                                  else ", conv/matmul only (partial)")},
-    }
+        return cached_profile(entry.model, int(backbone.input_size), device=backbone.device, repeats=repeats,
+                              warmup=warmup)
 
 
 @gpu(duration=60)
@@ -628,8 +601,7 @@ def calibrate_core(cfg: AppConfig, backbone: str, weights: str, variants: Sequen
                 continue
             kw: dict[str, Any] = {"mean": list(bb.mean), "std": list(bb.std), "device": bb.device,
                                   "progress": lambda f, m, _s=sub, _v=v: _s(f, f"{_v}: {m}")}
-            if cfg.calibration_steps is not None:
-                kw["steps"] = cfg.calibration_steps
+            kw.update(dict(cfg.calibration_options))
             rep = calibrate_cached(bb.name, bb.weights, swap, bb.model, images, cache_dir=cfg.calibration_dir, **kw)
             result = rep.swap if rep.swap is not None else swap
             make_analysis_copy(result.model)
@@ -767,7 +739,37 @@ def figure_images(analysis, mode: str, out_dir: Path) -> dict[str, Any]:
     Returns:
         ``{"gradcam": path | None, "gradcam_legend": str, "taps": path | None, "erf": path | None}``.
     """
-    return {"gradcam": None, "gradcam_legend": "", "taps": None, "erf": None}
+    from viz import figures
+
+    out: dict[str, Any] = {}
+    fig = figures.gradcam_grid(analysis, mode=mode)
+    out["gradcam"] = str(_save_figure(fig, out_dir / "gradcam.png"))
+    cls = analysis.targets[0] if analysis.targets else None
+    out["gradcam_legend"] = (
+        f"Raw signed Grad-CAM M = Σ_k α_k A_k (diverging colours centred on 0; red = evidence for, blue = against) "
+        f"for class **{html.escape(analysis.label_of(cls)) if cls is not None else '?'}** "
+        f"({html.escape(analysis.target_rule)}), score = pre-softmax logit. Colour scale: **{mode}**; each panel "
+        "states its numeric range."
+    )
+    if any(m.taps for m in analysis.models):
+        out["taps"] = str(_save_figure(figures.tap_maps(analysis), out_dir / "module_maps.png"))
+    else:
+        out["taps"] = None
+    erfs = {m.label: m.erf for m in analysis.models if m.erf is not None}
+    if erfs:
+        fig = figures.erf_figure(erfs, theoretical={m.label: m.theoretical_rf for m in analysis.models},
+                                 provenance={m.label: _short_provenance(m.swap) for m in analysis.models})
+        out["erf"] = str(_save_figure(fig, out_dir / "erf.png"))
+    else:
+        out["erf"] = None
+    return out
+
+
+def _short_provenance(swap: dict[str, Any]) -> str:
+    from viz.ui import provenance_counts
+
+    counts = provenance_counts(swap.get("provenance") or {})
+    return ", ".join(f"{k} {s}" for s, k in counts.items()) or ("baseline" if swap.get("variant") == "conv" else "no sites")
 
 
 def write_downloads(analysis, out_dir: Path, images: dict[str, Any]) -> list[str]:

@@ -1,0 +1,288 @@
+"""App callbacks called as plain functions on a small model (resnet18, random weights, 64 px).
+
+One analysis (baseline + two variants) is shared by the output checks; errors the user can cause
+must come back as ``gr.Error`` with the library's readable message.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+from pathlib import Path
+
+import gradio as gr
+import pandas as pd
+import plotly.graph_objects as go
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import app  # noqa: E402
+
+PHOTO = ROOT / "assets" / "chelsea.jpg"
+VARIANTS = ["conv", "saconv", "scconv"]
+
+
+def small_config(tmp_path: Path, **kw) -> app.AppConfig:
+    base = dict(
+        backbones=("resnet18", "efficientnet_lite0"), default_backbone="resnet18", default_weights="random",
+        default_variants=tuple(VARIANTS), input_size=64, weights_dir=tmp_path / "weights",
+        profile_repeats=2, profile_warmup=1, calibration_dir=tmp_path / "calibrated",
+        calibration_options=(("steps", 2), ("crop", 64), ("samples", 4), ("eval_samples", 2), ("batch_size", 4)),
+    )
+    base.update(kw)
+    return app.AppConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def cfg(tmp_path_factory) -> app.AppConfig:
+    root = tmp_path_factory.mktemp("app")
+    (root / "weights").mkdir()
+    return small_config(root)
+
+
+@pytest.fixture(scope="module")
+def panels(cfg, tmp_path_factory):
+    """One /analyze call's outputs, by name."""
+    import os
+
+    os.environ.setdefault("GRADIO_TEMP_DIR", str(tmp_path_factory.mktemp("gradio")))
+    preset = app.preset_choices("resnet18")[0]
+    out = app.analyze_panels(cfg, str(PHOTO), "resnet18", "random", VARIANTS, preset, app.ALL_STAGES,
+                             next(iter(app.SCALE_MODES)), "cpu")
+    assert len(out) == len(app.ANALYZE_OUTPUTS)
+    return dict(zip(app.ANALYZE_OUTPUTS, out))
+
+
+def test_import_and_build_are_cheap(tmp_path):
+    # importing and building the UI loads no model (models are prepared lazily on the first request)
+    app.MODELS.clear()
+    app.BACKBONES.clear()
+    demo = app.build_demo(small_config(tmp_path))
+    assert isinstance(demo, gr.Blocks)
+    assert len(app.MODELS) == 0 and len(app.BACKBONES) == 0
+    assert not hasattr(app, "demo")  # no module-level demo: the server starts only under __main__
+    # the named endpoints exist, and the queue is configured closed to the /run bypass
+    names = {d.api_name for d in demo.fns.values()}
+    assert {"analyze", "profile", "calibrate"} <= names
+    assert demo.api_open is False
+
+
+def test_lru_cache_bounds_builds_once_and_retries_failures():
+    cache = app.LRUCache(maxsize=2)
+    calls = []
+
+    def make(v):
+        def f():
+            calls.append(v)
+            return v
+        return f
+
+    assert cache.get("a", make(1)) == 1
+    assert cache.get("a", make(99)) == 1  # cached
+    cache.get("b", make(2))
+    cache.get("a", make(99))  # a becomes most recent
+    cache.get("c", make(3))  # evicts b (least recently used)
+    assert cache.keys() == ["a", "c"]
+    assert calls == [1, 2, 3]
+
+    def boom():
+        raise ValueError("nope")
+
+    with pytest.raises(ValueError):
+        cache.get("d", boom)
+    assert cache.peek("d") is None
+    assert cache.get("d", make(4)) == 4  # a failed build caches nothing
+
+    # concurrent requests for one key build it once
+    slow_calls = []
+    gate = threading.Event()
+
+    def slow():
+        slow_calls.append(1)
+        gate.wait(5)
+        return "x"
+
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(cache.get("e", slow))) for _ in range(4)]
+    for t in threads:
+        t.start()
+    gate.set()
+    for t in threads:
+        t.join(10)
+    assert results == ["x"] * 4 and len(slow_calls) == 1
+
+
+def test_analyze_outputs_are_well_formed(panels):
+    report_files = [Path(p) for p in panels["downloads"]]
+    report_json = next(p for p in report_files if p.name == "report.json")
+    report = json.loads(report_json.read_text())
+    labels = [m["label"] for m in report["models"]]
+    assert labels == VARIANTS
+    assert report["backbone"] == "resnet18" and report["input_size"] == 64
+    # status names the models and the explained class
+    assert "3 models" in panels["status"] and report["target"]["labels"][0] in panels["status"]
+    # Overview: one card per model with 5 predictions each, cost numbers, provenance words
+    html = panels["overview"]
+    assert html.count('class="pc-card"') == 3
+    assert html.count('class="pc-pred"') == 15
+    for m in report["models"]:
+        assert len(m["top5"]) == 5
+        assert abs(sum(t["prob"] for t in m["top5"])) <= 1.0 + 1e-6
+        assert m["params"] > 1e6 and m["flops"] > 0 and m["latency_ms"] > 0
+    assert "initialised only" in html  # scconv cannot transfer exactly: the card says so
+    # the banner warns about random weights and the merely initialised variant
+    assert "Backbone weights are random" in panels["banners"]
+    assert "scconv" in panels["banners"] and "perturbed network, not trained" in panels["banners"]
+    assert "saconv:" not in panels["banners"]  # exact transfer: no warning
+    # summary table: one row per model, params agree with the report
+    summary = panels["summary"]
+    assert isinstance(summary, pd.DataFrame) and list(summary["model"]) == VARIANTS
+    assert summary["params (M)"].tolist() == [round(m["params"] / 1e6, 3) for m in report["models"]]
+    # module maps: saconv and scconv have taps, the baseline none
+    taps = panels["taps_table"]
+    assert set(taps["model"]) == {"saconv", "scconv"}
+    assert {"spatial_gate"} <= set(taps["kind"])
+    # ERF table: one row per model with area ratios in (0, 1]
+    erf = panels["erf_table"]
+    assert list(erf["model"]) == VARIANTS
+    ratios = erf["area 50%"].dropna()
+    assert len(ratios) and ((ratios > 0) & (ratios <= 1)).all()
+    # plotly charts serialise to JSON (what gr.Plot sends)
+    for key in ("redundancy", "similarity", "cka", "profile_summary", "profile_latency", "profile_params",
+                "profile_flops"):
+        fig = panels[key]
+        assert isinstance(fig, go.Figure), key
+        assert len(fig.data) >= 1, key
+        json.loads(fig.to_json())
+    # profile table: whole-model rows plus per-layer rows, for every model
+    prof = panels["profile_table"]
+    assert set(prof["model"]) == set(VARIANTS)
+    whole = prof[prof["layer"] == "(whole model)"]
+    assert len(whole) == 3 and (whole["params"] > 0).all()
+    # saconv adds parameters (the switch and the pre/post context), visible in the table
+    by = dict(zip(whole["model"], whole["params"]))
+    assert by["saconv"] > by["conv"]
+    # every download exists
+    assert all(p.is_file() for p in report_files)
+
+
+@pytest.mark.parametrize("key", ["gradcam", "taps", "erf"])
+def test_figure_panels_are_images(panels, key):
+    path = panels[key]
+    if path is None:
+        pytest.skip("viz.figures not available yet")
+    import numpy as np
+    from PIL import Image
+
+    img = np.asarray(Image.open(path).convert("L"), dtype=float)
+    assert img.shape[0] > 50 and img.shape[1] > 50
+    assert img.std() > 5  # not blank
+
+
+def test_second_analysis_reuses_cached_models(cfg, panels):
+    n = len(app.MODELS)
+    keys = app.MODELS.keys()
+    assert n >= 3
+    preset = app.preset_choices("resnet18")[0]
+    app.analyze_panels(cfg, str(PHOTO), "resnet18", "random", ["conv", "saconv"], preset, "layer4",
+                       "per panel", "cpu")
+    assert app.MODELS.keys()[:n] != [] and set(keys) <= set(app.MODELS.keys())
+    assert len(app.MODELS) == n  # nothing new was built
+
+
+def _error_message(excinfo) -> str:
+    return str(excinfo.value.message if hasattr(excinfo.value, "message") else excinfo.value)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [
+        ({"image_src": None}, "no image"),
+        ({"variants": []}, "select at least one variant"),
+        ({"variants": ["conv", "nosuchconv"]}, "nosuchconv"),
+        ({"backbone": "vgg16"}, "unknown backbone 'vgg16'"),
+        ({"weights": "../../etc/passwd"}, "passwd"),
+        ({"weights": "/etc/passwd"}, "passwd"),
+        ({"weights": "missing.safetensors"}, "missing.safetensors"),
+        ({"weights": "sub/../../x.pt"}, "x.pt"),
+        ({"preset": "every conv"}, "every conv"),
+        ({"layer": "fc"}, "fc"),
+        ({"scale": "rainbow"}, "rainbow"),
+        ({"device": "tpu"}, "tpu"),
+    ],
+)
+def test_user_errors_become_gr_error(cfg, kwargs, needle):
+    args = dict(image_src=str(PHOTO), backbone="resnet18", weights="random", variants=["conv"],
+                preset=app.preset_choices("resnet18")[0], layer=app.ALL_STAGES, scale="per panel", device="cpu")
+    args.update(kwargs)
+    with pytest.raises(gr.Error) as excinfo:
+        app.analyze_panels(cfg, **args)
+    assert needle in _error_message(excinfo)
+
+
+def test_bad_image_files_give_readable_errors(cfg, tmp_path):
+    preset = app.preset_choices("resnet18")[0]
+    html_file = tmp_path / "page.png"
+    html_file.write_text("<!DOCTYPE html><html><body>not a picture</body></html>")
+    truncated = tmp_path / "cut.jpg"
+    truncated.write_bytes(PHOTO.read_bytes()[:2000])
+    for path in (html_file, truncated):
+        with pytest.raises(gr.Error) as excinfo:
+            app.analyze_panels(cfg, str(path), "resnet18", "random", ["conv"], preset, app.ALL_STAGES,
+                               "per panel", "cpu")
+        msg = _error_message(excinfo)
+        assert msg and "Traceback" not in msg
+    # and the app keeps serving afterwards
+    out = app.analyze_panels(cfg, str(PHOTO), "resnet18", "random", ["conv"], preset, "layer4", "per panel", "cpu")
+    assert "Analysed 1 model" in out[0]
+
+
+def test_profile_endpoint(cfg):
+    out = app.profile_panels(cfg, "resnet18", "random", ["conv", "acb"], app.preset_choices("resnet18")[0], "cpu")
+    assert len(out) == 1 + len(app.PROFILE_OUTPUTS)
+    status, *figs, table = out
+    assert "2 model" in status
+    assert all(isinstance(f, go.Figure) for f in figs)
+    assert set(table["model"]) == {"conv", "acb"}
+    acb_whole = table[(table["model"] == "acb") & (table["layer"] == "(whole model)")]["params"].item()
+    conv_whole = table[(table["model"] == "conv") & (table["layer"] == "(whole model)")]["params"].item()
+    assert acb_whole > conv_whole  # ACB's extra 1×3 / 3×1 branches (training form)
+
+
+def test_calibrate_then_analyze_uses_calibrated_weights(cfg):
+    preset = app.preset_choices("resnet18")[0]
+    with pytest.raises(gr.Error) as excinfo:
+        app.calibrate_panel(cfg, "resnet18", "random", ["conv", "saconv"], preset, "cpu")
+    assert "nothing to calibrate" in _error_message(excinfo)
+    text, reports = app.calibrate_panel(cfg, "resnet18", "random", ["conv", "scconv"], preset, "cpu")
+    assert [r["label"] for r in reports] == ["scconv (calibrated)"]
+    assert reports[0]["sites"] and "scconv (calibrated)" in text
+    out = dict(zip(app.ANALYZE_OUTPUTS, app.analyze_panels(
+        cfg, str(PHOTO), "resnet18", "random", ["conv", "scconv"], preset, "layer4", "per panel", "cpu")))
+    report = json.loads(Path(next(p for p in out["downloads"] if p.endswith("report.json"))).read_text())
+    cal = report["models"][1]
+    assert cal["label"] == "scconv (calibrated)"
+    assert set(cal["provenance"].values()) == {"calibrated"}
+    assert "perturbed network" not in out["banners"]
+    # unticking "use calibrated" goes back to the initialised model
+    out2 = app.analyze_panels(cfg, str(PHOTO), "resnet18", "random", ["scconv"], preset, "layer4", "per panel",
+                              "cpu", False)
+    assert "perturbed network, not trained" in out2[1]
+
+
+def test_weights_file_from_the_weights_directory(cfg):
+    import torch
+    import torchvision
+    from safetensors.torch import save_file
+
+    torch.manual_seed(1)
+    sd = {k: v.contiguous() for k, v in torchvision.models.resnet18().state_dict().items()}
+    save_file(sd, str(cfg.weights_dir / "mine.safetensors"))
+    assert ("file: mine.safetensors", "mine.safetensors") in app.weights_choices(cfg)
+    bb = app.get_backbone(cfg, "resnet18", "mine.safetensors", "cpu")
+    assert bb.weights.source == "file" and bb.weights.sha256
+    assert torch.equal(bb.model.state_dict()["fc.weight"], sd["fc.weight"])
+    assert bb.input_size == 64  # the app's size override
