@@ -22,7 +22,7 @@ from torch import nn
 from viz.gradcam import CamMap, cam_from_record, summarize
 from viz.models import ModelEntry, default_layers, stage_names
 from viz.recorder import Record, Recorder
-from viz.taps import TapSummary, summarize_taps
+from viz.taps import TapSummary, acb_fuse_difference, summarize_taps
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
@@ -47,9 +47,12 @@ class ModelResult:
         redundancy: layer -> ``viz.redundancy.redundancy_metrics`` dict (or ``{"error": ...}``).
         erf: :class:`viz.erf.ErfResult` or None.
         theoretical_rf: ``viz.rf.theoretical_rf`` dict at the ERF layer, or None.
-        cost: ``{"params", "flops", "macs", "latency_ms", "layers": {name: {...}}, "labels": {...}}`` or None.
+        cost: the ``viz.cost.profile_model`` dict (params / FLOPs / latency, per unit; ``"deploy"``
+            for ACB) or None; see :func:`cost_summary`.
         timings: seconds per phase (record, backward, erf, profile, render).
         errors: phase -> message for optional phases that failed (never raised).
+        extra: other numbers, e.g. ``fuse_max_abs_diff`` (ACB: max |logits(train form) −
+            logits(deploy form)|).
     """
 
     label: str
@@ -65,6 +68,7 @@ class ModelResult:
     cost: dict | None = None
     timings: dict[str, float] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -129,17 +133,22 @@ class Analysis:
                 "timings": {k: round(v, 4) for k, v in m.timings.items()},
                 "errors": dict(m.errors),
                 "notes": list(m.record.notes),
+                "extra": _jsonable(m.extra),
             }
-            cost = m.cost or {}
-            for k in ("params", "flops", "macs", "latency_ms"):
-                d[k] = cost.get(k)
-            d["cost_labels"] = _jsonable(cost.get("labels"))
+            cost = cost_summary(m.cost, self.layers)
+            for k in ("params", "flops", "macs", "latency_ms", "latency_iqr_ms", "flops_status", "flops_units"):
+                d[k] = _jsonable(cost.get(k))
+            d["latency_labels"] = _jsonable(cost.get("latency_labels"))
+            if m.cost and m.cost.get("deploy"):
+                dep = cost_summary(m.cost["deploy"])
+                d["deploy"] = {k: _jsonable(dep.get(k)) for k in ("params", "flops", "macs", "latency_ms")}
             per_layer = cost.get("layers", {}) or {}
             for layer in self.layers:
                 row = {"name": layer}
                 c = per_layer.get(layer, {})
                 row.update({k: c.get(k) for k in ("params", "flops", "latency_ms")})
-                row["redundancy"] = _jsonable(m.redundancy.get(layer))
+                red = m.redundancy.get(layer)
+                row["redundancy"] = _jsonable({k: v for k, v in red.items() if k != "similarity"} if red else red)
                 d["layers"].append(row)
             for layer, cam in m.cams.items():
                 s = summarize(cam)
@@ -196,96 +205,92 @@ def _jsonable(x: Any) -> Any:
 
 
 # --- cost cache -------------------------------------------------------------------------------
-_COST_CACHE: weakref.WeakKeyDictionary[nn.Module, dict[tuple[str, int], dict]] = weakref.WeakKeyDictionary()
+_COST_CACHE: weakref.WeakKeyDictionary[nn.Module, dict[tuple[str, int, bool], dict]] = weakref.WeakKeyDictionary()
 
 
-def _module_rows(report: Any) -> dict[str, Any]:
-    """Best-effort per-module mapping from a viz.cost report (object with a dict attribute or a dict)."""
-    if report is None:
-        return {}
-    if isinstance(report, dict):
-        for key in ("per_module", "modules", "layers", "per_layer"):
-            if isinstance(report.get(key), dict):
-                return report[key]
-        return {}
-    for key in ("per_module", "modules", "layers", "per_layer", "exclusive", "inclusive"):
-        v = getattr(report, key, None)
-        if isinstance(v, dict):
-            return v
-    return {}
-
-
-def _num(x: Any) -> float | None:
-    if x is None:
-        return None
-    if isinstance(x, (int, float, np.generic)):
-        return float(x)
-    if isinstance(x, dict):
-        for key in ("total", "flops", "params", "median_ms", "ms", "value"):
-            if key in x:
-                return _num(x[key])
-    for key in ("total", "flops", "median_ms", "median"):
-        if hasattr(x, key):
-            return _num(getattr(x, key))
-    return None
-
-
-def profile_model(
+def cached_profile(
     model: nn.Module,
-    x: torch.Tensor,
+    input_size: int,
     *,
-    layers: Sequence[str] = (),
+    device: str | torch.device = "cpu",
     latency: bool = True,
-    repeats: int = 10,
-    warmup: int = 3,
     cache: bool = True,
+    **kwargs: Any,
 ) -> dict[str, Any]:
-    """Cost of ``model`` at input ``x`` (1×3×S×S): params, FLOPs (dispatcher count), latency.
+    """``viz.cost.profile_model`` (params, dispatcher FLOPs, latency from a separate unhooked pass),
+    cached per (model, device, input size, latency on/off) for as long as the model lives.
 
-    Uses ``viz.cost`` (params, FLOPs with ``FlopCounterMode`` under no_grad, latency from a
-    separate unhooked pass). Image-independent, so cached per (model, device, input size,
-    latency on/off) for as long as the model lives.
-
-    Returns:
-        ``{"params": int, "flops": float, "macs": float, "latency_ms": float | None,
-        "layers": {name: {"params", "flops", "latency_ms"}}, "labels": {...}, "raw": {...}}``;
-        ``layers`` covers every module path the cost reports name (stages included).
+    Cost is image-independent, so repeated analyses of the same prepared model never re-profile.
+    Hold the model's lock while calling (latency and FLOP counting must not overlap other passes).
     """
-    key = (str(x.device), int(x.shape[-1]), bool(latency))
+    key = (str(torch.device(device)), int(input_size), bool(latency))
     if cache:
         hit = _COST_CACHE.get(model, {}).get(key)
         if hit is not None:
             return hit
-    from viz import cost as vcost
+    from viz.cost import profile_model
 
-    out: dict[str, Any] = {"layers": {}, "labels": {}}
-    params = vcost.count_params(model)
-    prow = _module_rows(params)
-    out["params"] = _num(params.get("total") if isinstance(params, dict) else getattr(params, "total", None))
-    flops = vcost.count_flops(model, x)
-    frow = _module_rows(flops)
-    out["flops"] = _num(getattr(flops, "total", None) if not isinstance(flops, dict) else flops.get("total"))
-    out["macs"] = None if out["flops"] is None else out["flops"] / 2
-    uncounted = getattr(flops, "uncounted", None) if not isinstance(flops, dict) else flops.get("uncounted")
-    out["labels"]["flops"] = "FLOPs (2 per MAC), conv/matmul only (partial)" if uncounted else "FLOPs (2 per MAC)"
-    if uncounted:
-        out["labels"]["uncounted_ops"] = _jsonable(uncounted)
-    lrow: dict[str, Any] = {}
-    out["latency_ms"] = None
-    if latency:
-        lat = vcost.measure_latency(model, x, repeats=repeats, warmup=warmup, per_layer=True)
-        lrow = _module_rows(lat)
-        med = getattr(lat, "median_ms", None) if not isinstance(lat, dict) else lat.get("median_ms")
-        out["latency_ms"] = _num(med if med is not None else lat)
-        labels = getattr(lat, "labels", None) if not isinstance(lat, dict) else lat.get("labels")
-        out["labels"]["latency"] = _jsonable(labels)
-    names = set(layers) | set(prow) | set(frow) | set(lrow)
-    for n in names:
-        out["layers"][n] = {"params": _num(prow.get(n)), "flops": _num(frow.get(n)), "latency_ms": _num(lrow.get(n))}
-    out["raw"] = {"params": _jsonable(params), "flops": _jsonable(flops), "latency": _jsonable(lrow and lat)}
+    out = profile_model(model, int(input_size), device=device, latency=latency, **kwargs)
     if cache:
         _COST_CACHE.setdefault(model, {})[key] = out
     return out
+
+
+def cost_summary(profile: dict[str, Any] | None, layers: Sequence[str] = ()) -> dict[str, Any]:
+    """Whole-model and per-layer numbers from a ``viz.cost.profile_model`` dict.
+
+    Returns:
+        ``{"params", "flops", "macs", "latency_ms", "flops_status", "latency_label",
+        "layers": {name: {"params", "flops", "latency_ms"}}}``; per-layer latency is the sum of
+        the hooked per-unit medians inside that layer (includes hook overhead).
+    """
+    if not profile:
+        return {"params": None, "flops": None, "macs": None, "latency_ms": None, "layers": {}}
+    params = profile.get("params") or {}
+    flops = profile.get("flops") or {}
+    lat = profile.get("latency") or None
+    pm, fm = params.get("per_module", {}), flops.get("per_module", {})
+    units = profile.get("units") or []
+    out: dict[str, Any] = {
+        "params": params.get("total"),
+        "flops": flops.get("total_flops"),
+        "macs": flops.get("total_macs"),
+        "flops_status": flops.get("status"),
+        "flops_units": flops.get("units"),
+        "latency_ms": lat.get("median_ms") if lat else None,
+        "latency_iqr_ms": lat.get("iqr_ms") if lat else None,
+        "latency_labels": lat.get("labels") if lat else None,
+        "layers": {},
+    }
+    for layer in layers:
+        ms = [u.get("latency_ms") for u in units if u.get("name") == layer or str(u.get("name", "")).startswith(layer + ".")]
+        ms = [v for v in ms if v is not None]
+        out["layers"][layer] = {
+            "params": pm.get(layer, {}).get("params"),
+            "flops": fm.get(layer, {}).get("flops"),
+            "latency_ms": float(sum(ms)) if ms else None,
+        }
+    return out
+
+
+_FUSED: weakref.WeakKeyDictionary[nn.Module, nn.Module] = weakref.WeakKeyDictionary()
+
+
+def _fusable(model: nn.Module) -> bool:
+    from plugconv.base import ConvVariant
+
+    return any(isinstance(m, ConvVariant) and type(m).fuse is not ConvVariant.fuse for m in model.modules())
+
+
+def _fused(model: nn.Module) -> nn.Module:
+    """The deploy form of ``model`` (``plugconv.fuse_model``), made once per model and cached."""
+    f = _FUSED.get(model)
+    if f is None:
+        from plugconv.surgery import fuse_model
+
+        f = fuse_model(model)
+        _FUSED[model] = f
+    return f
 
 
 # --- the pass ---------------------------------------------------------------------------------
@@ -400,6 +405,13 @@ def analyze(
             except ValueError as e:
                 errors[f"gradcam/{layer}"] = str(e)
         taps = summarize_taps(record, entry.model)
+        extra: dict[str, Any] = {}
+        if _fusable(entry.model):
+            try:
+                with entry.lock:
+                    extra["fuse_max_abs_diff"] = acb_fuse_difference(record.logits, _fused(entry.model), x)
+            except Exception as e:
+                errors["fuse"] = f"{type(e).__name__}: {e}"
         red: dict[str, dict] = {}
         if redundancy:
             t = time.perf_counter()
@@ -414,7 +426,7 @@ def analyze(
         done += 1
         res = ModelResult(
             label=entry.label, variant=entry.variant, swap=entry.swap.to_dict(), record=record, cams=cams,
-            taps=taps, topk=_topk(record.logits, cats, topk), redundancy=red, timings=timings, errors=errors,
+            taps=taps, topk=_topk(record.logits, cats, topk), redundancy=red, timings=timings, errors=errors, extra=extra,
         )
         if erf and erf_at is not None:
             report(done / steps, f"{entry.label}: effective receptive field at {erf_at}")
@@ -439,7 +451,7 @@ def analyze(
             t = time.perf_counter()
             try:
                 with entry.lock:
-                    res.cost = profile_model(entry.model, x[:1], layers=chosen, latency=latency)
+                    res.cost = cached_profile(entry.model, int(x.shape[-1]), device=x.device, latency=latency)
             except Exception as e:
                 errors["profile"] = f"{type(e).__name__}: {e}"
             timings["profile"] = time.perf_counter() - t

@@ -164,13 +164,16 @@ def summarize_taps(record: Record, model: nn.Module | None = None) -> list[TapSu
     return out
 
 
-def acb_fuse_difference(model: nn.Module, x: torch.Tensor, fused: nn.Module | None = None) -> float:
-    """Max |logits(model) − logits(fuse_model(model))| on ``x`` (ACB train vs deploy form).
+def acb_fuse_difference(logits: torch.Tensor, fused: nn.Module, x: torch.Tensor) -> float:
+    """Max |logits − fused(x)|: the recorded (training-form) logits against the deploy form.
 
-    Exact transfer means this is at float rounding level (~1e-5 relative); anything larger is a bug.
+    Args:
+        logits: N×K logits of the unfused model on ``x`` (e.g. ``Record.logits``).
+        fused: ``plugconv.fuse_model(model)`` (ACB branches folded into one conv).
+        x: the same N×3×H×W input.
+
+    Exact fusion means this is at float rounding level; anything larger is a bug.
     """
-    from plugconv.surgery import fuse_model
-
-    f = fused if fused is not None else fuse_model(model)
     with torch.no_grad():
-        return float((model(x) - f(x)).abs().max())
+        out = fused(x)
+    return float((logits.to(out.device) - out).abs().max())

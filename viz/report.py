@@ -1,0 +1,213 @@
+"""``write_report(analysis, out_dir)``: report.json, PNG figures and a self-contained report.html.
+
+Layout of ``out_dir``::
+
+    report.json                      the Analysis.to_dict() structure (with PNG paths filled in)
+    report.html                      opens offline: PNGs embedded as base64, plotly inlined once
+    figures/gradcam.png              Grad-CAM grid (models × layers), shared colour mode
+    figures/taps.png, figures/erf.png
+    gradcam/<model>/<layer>.png      one overlay per model and layer (shared limits per layer)
+    taps/<model>/<tap>.png           spatial taps over the crop; channel weights as a strip
+    erf/<model>.png                  log-scaled ERF map
+
+report.json keys: ``backbone``, ``weights`` (provenance), ``device``, ``input_size``,
+``n_images``, ``layers``, ``target``, ``erf_layer``, ``cka``, ``timings``, ``figures`` and
+``models`` — per model ``label``, ``variant``, ``swapped``, ``skipped`` (with reasons),
+``provenance``, ``top5`` (``{label, prob}``), ``params``, ``flops``, ``macs``, ``latency_ms``,
+``layers`` (``{name, params, flops, latency_ms, redundancy}``), ``gradcam`` (per layer: min,
+max, png), ``taps`` (per tap: kind, shape, min, max, mean, png, stats), ``erf`` (area ratios,
+r50/r90), ``theoretical_rf``, ``timings`` (load, record, backward, erf, profile, render).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import re
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from viz import figures as vf
+
+if TYPE_CHECKING:  # pragma: no cover
+    from viz.analysis import Analysis
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "x"
+
+
+def _write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+
+
+def _charts(analysis: Analysis) -> list[tuple[str, Any]]:
+    """(title, plotly Figure) pairs from viz.charts; failures become notes, never crashes."""
+    out: list[tuple[str, Any]] = []
+    try:
+        from viz import charts
+    except Exception as e:  # pragma: no cover - charts is a sibling module
+        return [("charts unavailable", str(e))]
+    profiles = {m.label: m.cost for m in analysis.models if m.cost}
+    if profiles:
+        for title, fn in (("latency by layer", charts.latency_chart), ("parameters by layer", charts.params_chart),
+                          ("FLOPs by layer", charts.flops_chart), ("cost summary", charts.cost_summary)):
+            try:
+                out.append((title, fn(profiles)))
+            except Exception as e:
+                out.append((title, f"{type(e).__name__}: {e}"))
+    red = {m.label: m.redundancy for m in analysis.models if m.redundancy}
+    if red:
+        try:
+            out.append(("redundancy by depth", charts.redundancy_by_depth(red)))
+        except Exception as e:
+            out.append(("redundancy by depth", f"{type(e).__name__}: {e}"))
+    if analysis.cka:
+        cols = sorted({c for row in analysis.cka.values() for c in row}, key=lambda c: [m.label for m in analysis.models].index(c))
+        mat = np.array([[analysis.cka[r].get(c, np.nan) for c in cols] for r in analysis.cka], dtype=float)
+        data = {"rows": list(analysis.cka), "cols": cols, "matrix": mat, "mode": "positions", "unbiased": True,
+                "estimator": "unbiased HSIC", "notes": {}}
+        try:
+            out.append(("CKA vs " + analysis.models[0].label,
+                        charts.cka_heatmap(data, row_title="stage", col_title="model",
+                                           title=f"linear CKA ({analysis.models[0].label} vs each model, same stage; "
+                                                 "positions, unbiased)")))
+        except Exception as e:
+            out.append(("CKA", f"{type(e).__name__}: {e}"))
+    return out
+
+
+def write_report(analysis: Analysis, out_dir: str | Path, *, mode: str = "shared", html_report: bool = True) -> Path:
+    """Write report.json, PNG figures and report.html for ``analysis`` into ``out_dir``.
+
+    Args:
+        analysis: result of :func:`viz.analysis.analyze`.
+        out_dir: directory (created).
+        mode: Grad-CAM colour mode for the figures ("per-panel" | "shared" | "global").
+        html_report: also write the self-contained report.html.
+
+    Returns:
+        Path of report.json.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t_all = time.perf_counter()
+    files = analysis.files
+    lims = vf.cam_limits(analysis, 0, mode=mode) if analysis.models else {}
+    crop = analysis.images[0]
+    for m in analysis.models:
+        t = time.perf_counter()
+        lab = _safe(m.label)
+        for layer, cam in m.cams.items():
+            rel = f"gradcam/{lab}/{_safe(layer)}.png"
+            _write(out / rel, vf.png_bytes(vf.overlay_array(crop, cam.raw[0].numpy(), lims[(m.label, layer)])))
+            files[f"gradcam/{m.label}/{layer}"] = rel
+        for tap in m.taps:
+            arr = vf.tap_overlay(crop, tap)
+            if arr is None and tap.channels is not None and np.asarray(tap.channels).size:
+                arr = vf.channel_strip(tap.channels)
+            if arr is None:
+                continue
+            rel = f"taps/{lab}/{_safe(tap.name)}.png"
+            _write(out / rel, vf.png_bytes(arr))
+            files[f"tap/{m.label}/{tap.name}"] = rel
+        if m.erf is not None:
+            rel = f"erf/{lab}.png"
+            _write(out / rel, vf.png_bytes(vf.erf_panel(m.erf)))
+            files[f"erf/{m.label}"] = rel
+        m.timings["render"] = time.perf_counter() - t
+    figs: dict[str, Any] = {}
+    if analysis.models and analysis.layers:
+        figs["gradcam"] = vf.gradcam_grid(analysis, 0, mode=mode)
+    if any(m.taps for m in analysis.models):
+        figs["taps"] = vf.tap_maps(analysis, 0)
+    erfs = {m.label: m.erf for m in analysis.models if m.erf is not None}
+    if erfs:
+        figs["erf"] = vf.erf_figure(erfs, theoretical={m.label: m.theoretical_rf for m in analysis.models},
+                                    provenance={m.label: _prov_text(m.swap) for m in analysis.models})
+    for name, fig in figs.items():
+        rel = f"figures/{name}.png"
+        _write(out / rel, vf.figure_png(fig))
+        files[f"figure/{name}"] = rel
+    analysis.timings["render"] = time.perf_counter() - t_all
+    d = analysis.to_dict()
+    path = out / "report.json"
+    path.write_text(json.dumps(d, indent=1, allow_nan=False, default=str), encoding="utf-8")
+    if html_report:
+        (out / "report.html").write_text(render_html(analysis, d, out), encoding="utf-8")
+    return path
+
+
+def _prov_text(swap: dict[str, Any]) -> str:
+    prov = swap.get("provenance", {}) or {}
+    if not prov:
+        return "unchanged"
+    kinds = sorted(set(prov.values()))
+    return "/".join(kinds)
+
+
+def _img_tag(out: Path, rel: str | None, alt: str, width: int | None = None) -> str:
+    if not rel:
+        return ""
+    data = base64.b64encode((out / rel).read_bytes()).decode("ascii")
+    w = f' width="{width}"' if width else ""
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"{w}>'
+
+
+def render_html(analysis: Analysis, d: dict[str, Any], out: Path) -> str:
+    """Self-contained HTML (PNGs as base64, plotly.js inlined once, no CDN, no external requests)."""
+    e = html.escape
+    parts = [
+        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
+        f"<title>plugconv report: {e(d['backbone'])}</title>",
+        "<style>body{font-family:sans-serif;margin:1.5em;max-width:1400px}table{border-collapse:collapse;font-size:13px}"
+        "td,th{border:1px solid #ccc;padding:3px 6px;text-align:left}img{max-width:100%}"
+        ".warn{color:#a50}.small{font-size:12px;color:#555}</style></head><body>",
+        f"<h1>plugconv report — {e(d['backbone'])}</h1>",
+        f"<p>Weights: {e(str(d['weights'].get('description', d['weights'])))} (source: {e(str(d['weights'].get('source')))}) · "
+        f"device {e(d['device'])} · input {d['input_size']}×{d['input_size']} · {d['n_images']} image(s) · "
+        f"Grad-CAM target: {e(', '.join(f'{c} ({lbl})' for c, lbl in zip(d['target']['classes'], d['target']['labels'])))} "
+        f"({e(d['target']['rule'])}; score: pre-softmax logit)</p>",
+        "<h2>Models</h2><table><tr><th>model</th><th>swapped</th><th>skipped</th><th>provenance</th><th>top-5</th>"
+        "<th>params</th><th>FLOPs</th><th>latency (ms)</th></tr>",
+    ]
+    for m in d["models"]:
+        top = "<br>".join(f"{e(t['label'])}: {t['prob']:.3f}" for t in m["top5"])
+        skipped = "<br>".join(f"{e(s['site'])}: {e(s['reason'])}" for s in m["skipped"][:8])
+        if len(m["skipped"]) > 8:
+            skipped += f"<br>… {len(m['skipped']) - 8} more"
+        prov = ", ".join(sorted(set(m["provenance"].values()))) or "unchanged"
+        fl = "" if m["flops"] is None else f"{m['flops'] / 1e9:.3f} G"
+        pr = "" if m["params"] is None else f"{m['params'] / 1e6:.3f} M"
+        la = "" if m["latency_ms"] is None else f"{m['latency_ms']:.2f}"
+        parts.append(f"<tr><td>{e(m['label'])}</td><td>{len(m['swapped'])}</td><td class='small'>{skipped}</td>"
+                     f"<td>{e(prov)}</td><td class='small'>{top}</td><td>{pr}</td><td>{fl}</td><td>{la}</td></tr>")
+    parts.append("</table>")
+    for m in d["models"]:
+        if m.get("errors"):
+            parts.append(f"<p class='warn'>{e(m['label'])}: " + "; ".join(f"{e(k)}: {e(v)}" for k, v in m["errors"].items()) + "</p>")
+    for key, title in (("figure/gradcam", "Grad-CAM (raw signed maps, shared colour scale per layer)"),
+                       ("figure/taps", "Variant taps"), ("figure/erf", "Effective receptive field")):
+        rel = analysis.files.get(key)
+        if rel:
+            parts.append(f"<h2>{e(title)}</h2>{_img_tag(out, rel, title)}")
+    charts = _charts(analysis)
+    if charts:
+        parts.append("<h2>Cost, redundancy and CKA</h2>")
+        first = True
+        for title, fig in charts:
+            if isinstance(fig, str):
+                parts.append(f"<p class='warn'>{e(title)}: {e(fig)}</p>")
+                continue
+            parts.append(fig.to_html(full_html=False, include_plotlyjs="inline" if first else False))
+            first = False
+    parts.append("<h2>Numbers</h2><pre class='small'>" + e(json.dumps(
+        {"erf": {m["label"]: m["erf"] for m in d["models"]}, "cka": d["cka"], "timings": {m["label"]: m["timings"] for m in d["models"]}},
+        indent=1, default=str)) + "</pre>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
