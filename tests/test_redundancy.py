@@ -236,3 +236,42 @@ def test_cka_matrix_structure():
     assert res["matrix"].shape == (2, 2)
     assert res["matrix"][0, 0] == pytest.approx(1.0)
     assert np.isnan(res["matrix"][0, 1]) and "s1|s2" in res["notes"]
+
+
+def test_correlation_scale_ignores_channel_variance():
+    """Orthogonal channels with very unequal variances: covariance spectra see ~1 channel,
+    correlation spectra see all C (both through the C×C and the M×M Gram)."""
+    c = 12
+    acts = _orthogonal_channels(c, seed=7)
+    scales = torch.logspace(0, 3, c, dtype=torch.float64).view(1, c, 1, 1)
+    acts = acts * scales
+    cov = redundancy_metrics(acts, scale="covariance")
+    cor = redundancy_metrics(acts, scale="correlation")
+    assert cov["participation_ratio"] < 2.0
+    assert cor["erank"] == pytest.approx(c, rel=1e-8) and cor["participation_ratio"] == pytest.approx(c, rel=1e-8)
+    # M < C′ route: 40 channels on 16 samples; both routes must agree with a direct SVD
+    torch.manual_seed(8)
+    wide = torch.randn(1, 40, 4, 4, dtype=torch.float64) * torch.logspace(0, 2, 40, dtype=torch.float64).view(1, 40, 1, 1)
+    f = wide[0].reshape(40, -1)
+    z = (f - f.mean(1, keepdim=True)) / f.std(1, keepdim=True)
+    sv = torch.linalg.svdvals(z).numpy()
+    sv = sv[sv > sv[0] * 1e-6]
+    p = sv / sv.sum()
+    r = redundancy_metrics(wide, scale="correlation")
+    assert r["erank"] == pytest.approx(float(np.exp(-(p * np.log(p)).sum())), rel=1e-8)
+
+
+def test_plain_and_centred_selection_agree():
+    torch.manual_seed(9)
+    acts = torch.relu(torch.randn(2, 300, 6, 6))  # > 256 channels: several row blocks
+    a = redundancy_metrics(acts, centred=True)
+    b = redundancy_metrics(acts, centred=False)
+    assert a["mean_abs_cos_plain"] == pytest.approx(b["mean_abs_cos_plain"], rel=1e-12)
+    assert a["mean_abs_cos_centred"] == pytest.approx(b["mean_abs_cos_centred"], rel=1e-12)
+    assert b["mean_abs_cos"] == b["mean_abs_cos_plain"] and a["mean_abs_cos"] == a["mean_abs_cos_centred"]
+    f = acts.double().transpose(0, 1).reshape(300, -1)
+    fn = f / f.norm(dim=1, keepdim=True)
+    s = (fn @ fn.T).numpy()
+    iu = np.triu_indices(300, 1)
+    assert b["mean_abs_cos_plain"] == pytest.approx(np.abs(s[iu]).mean(), rel=1e-10)
+    assert np.nanmin(b["similarity"]["matrix"]) >= 0  # plain cosine of post-ReLU features
