@@ -179,9 +179,9 @@ def test_skipped_sites_carry_reasons() -> None:
 @pytest.mark.parametrize("mode", ["eval", "train"])
 def test_keeps_dtype_and_mode_float64(mode: str) -> None:
     model = _build("resnet18", seed=5).double().train(mode == "train")
-    x = torch.randn(2, 3, 64, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    x = torch.randn(2, 3, 48, 48, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
     for variant in ("acb", "saconv"):
-        res = swap_convs(model, variant, probe_size=64)
+        res = swap_convs(model, variant, probe_size=48)
         assert all(p.dtype == torch.float64 for p in res.model.parameters())
         assert all(b.dtype == torch.float64 for b in res.model.buffers() if b.is_floating_point())
         assert all(m.training == (mode == "train") for m in res.model.modules())
