@@ -733,57 +733,46 @@ def redundancy_charts(analysis, layer: str | None) -> tuple[Any, Any, Any]:
     return red, sim, cka
 
 
-def figure_images(analysis, mode: str, out_dir: Path) -> dict[str, Any]:
-    """The matplotlib panels (Grad-CAM grid, module maps, ERF) as PNG files in ``out_dir``.
+def write_outputs(analysis, mode: str, out_dir: Path) -> dict[str, Any]:
+    """Write the report (``viz.report.write_report``: report.json, report.html, per-panel PNGs and
+    the composite figures) into the per-request ``out_dir`` and pick what the page shows.
 
     Returns:
-        ``{"gradcam": path | None, "gradcam_legend": str, "taps": path | None, "erf": path | None}``.
+        ``{"gradcam", "taps", "erf"}``: composite figure PNG paths (None when absent),
+        ``"gradcam_legend"``: markdown, ``"downloads"``: report.json, report.html, the figures and
+        a zip of everything.
     """
-    from viz import figures
+    from viz.report import write_report
 
-    out: dict[str, Any] = {}
-    fig = figures.gradcam_grid(analysis, mode=mode)
-    out["gradcam"] = str(_save_figure(fig, out_dir / "gradcam.png"))
+    report_json = write_report(analysis, out_dir, mode=mode)
+    files = analysis.files
+
+    def fig(name: str) -> str | None:
+        rel = files.get(f"figure/{name}")
+        return str(out_dir / rel) if rel and (out_dir / rel).is_file() else None
+
     cls = analysis.targets[0] if analysis.targets else None
-    out["gradcam_legend"] = (
-        f"Raw signed Grad-CAM M = Σ_k α_k A_k (diverging colours centred on 0; red = evidence for, blue = against) "
-        f"for class **{html.escape(analysis.label_of(cls)) if cls is not None else '?'}** "
-        f"({html.escape(analysis.target_rule)}), score = pre-softmax logit. Colour scale: **{mode}**; each panel "
-        "states its numeric range."
+    legend = (
+        "Raw signed Grad-CAM M = Σ_k α_k A_k over the crop the model sees (diverging colours centred on 0: "
+        "red = evidence for the class, blue = against) for class "
+        f"**{html.escape(analysis.label_of(cls)) if cls is not None else '?'}** ({html.escape(analysis.target_rule)}); "
+        f"score = pre-softmax logit. Colour scale: **{html.escape(mode)}**; every panel states its numeric range."
     )
-    if any(m.taps for m in analysis.models):
-        out["taps"] = str(_save_figure(figures.tap_maps(analysis), out_dir / "module_maps.png"))
-    else:
-        out["taps"] = None
-    erfs = {m.label: m.erf for m in analysis.models if m.erf is not None}
-    if erfs:
-        fig = figures.erf_figure(erfs, theoretical={m.label: m.theoretical_rf for m in analysis.models},
-                                 provenance={m.label: _short_provenance(m.swap) for m in analysis.models})
-        out["erf"] = str(_save_figure(fig, out_dir / "erf.png"))
-    else:
-        out["erf"] = None
+    # tap_maps draws spatial maps and channel weights; branch-only taps (ACB) are in the table instead
+    drawable = any(t.spatial is not None or (t.kind == "channel_weights" and t.channels is not None)
+                   for m in analysis.models for t in m.taps)
+    out = {"gradcam": fig("gradcam"), "taps": fig("taps") if drawable else None, "erf": fig("erf"),
+           "gradcam_legend": legend}
+    downloads = [str(report_json)]
+    if (out_dir / "report.html").is_file():
+        downloads.append(str(out_dir / "report.html"))
+    downloads += [p for p in (out["gradcam"], out["taps"], out["erf"]) if p]
+    archive = shutil.make_archive(str(out_dir.parent / f"{out_dir.name}-report"), "zip", root_dir=out_dir)
+    final = out_dir / "plugconv-report.zip"
+    shutil.move(archive, final)
+    downloads.append(str(final))
+    out["downloads"] = downloads
     return out
-
-
-def _short_provenance(swap: dict[str, Any]) -> str:
-    from viz.ui import provenance_counts
-
-    counts = provenance_counts(swap.get("provenance") or {})
-    return ", ".join(f"{k} {s}" for s, k in counts.items()) or ("baseline" if swap.get("variant") == "conv" else "no sites")
-
-
-def write_downloads(analysis, out_dir: Path, images: dict[str, Any]) -> list[str]:
-    """report.json (+ report.html and figures when ``viz.report`` is available) for the Downloads tab."""
-    import json
-
-    from viz.analysis import _jsonable
-
-    files = []
-    path = out_dir / "report.json"
-    path.write_text(json.dumps(_jsonable(analysis.to_dict()), indent=1))
-    files.append(str(path))
-    files += [str(v) for k, v in images.items() if k != "gradcam_legend" and v]
-    return files
 
 
 def render_panels(analysis, profiles: dict[str, dict[str, Any]], mode: str, out_dir: Path,
@@ -792,8 +781,8 @@ def render_panels(analysis, profiles: dict[str, dict[str, Any]], mode: str, out_
     plus ``report``, the ``Analysis.to_dict()``)."""
     from viz import ui
 
+    images = write_outputs(analysis, mode, out_dir)
     report = analysis.to_dict()
-    images = figure_images(analysis, mode, out_dir)
     red, sim, cka = redundancy_charts(analysis, layer)
     summary, latency, params, flops = profile_charts(profiles)
     return {
@@ -815,7 +804,7 @@ def render_panels(analysis, profiles: dict[str, dict[str, Any]], mode: str, out_
         "profile_params": params,
         "profile_flops": flops,
         "profile_table": profile_frame(profiles),
-        "downloads": write_downloads(analysis, out_dir, images),
+        "downloads": images["downloads"],
     }
 
 
@@ -828,13 +817,6 @@ def status_line(report: dict[str, Any], seconds: float) -> str:
     return (f"Analysed {n} model{'s' if n != 1 else ''} on {report.get('backbone')} "
             f"({report.get('device')}, {report.get('input_size')} px) in {seconds:.1f} s. {target}")
 
-
-
-def _save_figure(fig: Any, path: Path, dpi: int = 110) -> Path:
-    """Save a matplotlib ``Figure`` (built without pyplot) as PNG and release it."""
-    fig.savefig(path, dpi=dpi, bbox_inches="tight", facecolor="white")
-    fig.clear()
-    return path
 
 
 def analyze_panels(cfg: AppConfig, image_src: Any, backbone: str, weights: str, variants: Sequence[str] | str,
