@@ -12,6 +12,7 @@ docs/reliability.md.
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from concurrent.futures import Future
@@ -26,7 +27,7 @@ from PIL import Image
 from tests.corpus import LaunchedApp, small_app_config
 
 N_REQUESTS = 50
-QUEUE_MAX = 24
+QUEUE_MAX = int(os.environ.get("PLUGCONV_LOAD_QUEUE_MAX", "24"))  # 64: every request is queued and answered
 CONCURRENCY = 2
 RSS_BUDGET_MB = 1500  # growth allowed over the RSS before the burst (models are cached, images tiny)
 
