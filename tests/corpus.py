@@ -11,6 +11,7 @@ pixels on the loaded RGB image).
 
 from __future__ import annotations
 
+import functools
 import io
 import struct
 import zlib
@@ -44,6 +45,7 @@ def png_bytes(width: int, height: int, *, bit_depth: int, color_type: int, rows:
     return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", b"".join(parts)) + _chunk(b"IEND", b"")
 
 
+@functools.lru_cache(maxsize=4)
 def bomb_png(side: int = 20000) -> bytes:
     """A side×side 8-bit gray PNG of zeros (400 MP for 20000): small file, huge decode."""
     row = bytes(side)

@@ -134,14 +134,14 @@ def test_pil_image_input_goes_through_the_same_path() -> None:
     assert out is not src and np.array_equal(np.asarray(out), np.asarray(src))
 
 
-def test_gif_frame_other_than_first_is_rewound() -> None:
+def test_animation_gives_its_first_frame_and_says_so() -> None:
     buf = io.BytesIO()
     frames = [Image.new("RGB", (16, 16), c) for c in ((255, 0, 0), (0, 0, 255))]
     frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:])
-    im = Image.open(io.BytesIO(buf.getvalue()))
-    im.seek(1)
-    # a file path/bytes input always starts at frame 0
-    assert load_image(buf.getvalue()).getpixel((0, 0)) == (255, 0, 0)
+    # a file path/bytes input always gives frame 0
+    out = load_image(buf.getvalue())
+    assert out.getpixel((0, 0)) == (255, 0, 0)
+    assert out.info[NOTES_KEY] == ["first of 2 frames used"]
 
 
 class TestImageFromArray:

@@ -394,7 +394,9 @@ def _open_bytes(data: bytes, name: str, *, max_pixels: int) -> Image.Image:
     n_frames = getattr(im, "n_frames", 1)
     if n_frames > 1:
         im.seek(0)
-        notes.append(f"first frame of {n_frames} used")
+        if fmt != "MPO":  # phone JPEGs: frame 0 is the photo, the others are previews/depth maps
+            noun = "pages" if fmt == "TIFF" else "frames"
+            notes.append(f"first of {n_frames} {noun} used")
     try:
         im.load()
     except Image.DecompressionBombError:
