@@ -44,8 +44,8 @@ def profiles():
     base = Tiny().eval()
     acb = plugconv.swap_convs(base, "acb", include="block.0", probe_size=16).model
     return {
-        "conv": profile_model(base, 16, warmup=0, repeats=2),
-        "acb": profile_model(acb, 16, warmup=0, repeats=2),
+        "conv": profile_model(base, 16, warmup=0, repeats=2, threads=1),
+        "acb": profile_model(acb, 16, warmup=0, repeats=2, threads=1),
     }
 
 

@@ -180,7 +180,7 @@ def test_measure_latency_bad_arguments():
 def test_profile_model_json_and_deploy_form():
     host = torchvision.models.resnet18(num_classes=10).eval()
     sw = plugconv.swap_convs(host, "acb", include="layer1.*.conv*", probe_size=32)
-    prof = profile_model(sw.model, 32, repeats=2, warmup=1, reference=host)
+    prof = profile_model(sw.model, 32, repeats=2, warmup=1, threads=1, reference=host)
     json.dumps(prof)
     assert prof["form"] == "train" and prof["deploy"] is not None and prof["deploy"]["form"] == "deploy"
     assert prof["deploy"]["flops"]["total_flops"] == count_flops(host, torch.randn(1, 3, 32, 32)).total_flops
