@@ -137,3 +137,14 @@ def test_swapped_network_rf_and_notes():
 def test_unknown_layer_raises():
     with pytest.raises(ValueError, match="not a module"):
         theoretical_rf(nn.Sequential(nn.Conv2d(3, 3, 3)), "nope", input_size=8)
+
+
+def test_timm_efficientnet_lite0_traces():
+    """timm blocks (BatchNormAct2d, depthwise convs) trace; stages grow monotonically to j = 32."""
+    timm = pytest.importorskip("timm")
+    m = timm.create_model("efficientnet_lite0", pretrained=False)
+    res = theoretical_rf(m, None, input_size=224)
+    rs = [s["r"] for s in res["stages"]]
+    assert rs == sorted(rs) and res["stages"][0]["name"] == "conv_stem" and res["stages"][0]["r"] == 3
+    assert [s["name"] for s in res["stages"] if s["name"].startswith("blocks.")] == [f"blocks.{i}" for i in range(7)]
+    assert res["j"] == 32 and res["global"]  # logits: global average pool
