@@ -937,8 +937,8 @@ def build_demo(config: AppConfig | None = None) -> gr.Blocks:
                     preset = gr.Dropdown(presets, value=presets[0], label="Sites to swap", elem_id="preset")
                     layer = gr.Dropdown(layer_choices(start_backbone), value=ALL_STAGES, label="Layer / stage for the maps",
                                         elem_id="layer")
-                    scale = gr.Radio(list(SCALE_MODES), value=next(iter(SCALE_MODES)), label="Colour scale",
-                                     elem_id="scale")
+                    scale = gr.Dropdown(list(SCALE_MODES), value=next(iter(SCALE_MODES)), label="Colour scale",
+                                        elem_id="scale")
                 use_cal = gr.Checkbox(value=True, label="Use calibrated weights where Calibrate has run",
                                       elem_id="use-calibrated")
                 with gr.Row():
@@ -952,12 +952,14 @@ def build_demo(config: AppConfig | None = None) -> gr.Blocks:
                 overview = gr.HTML("", elem_id="overview")
                 summary = gr.Dataframe(label="Summary", interactive=False, max_height=320, elem_id="summary")
             with gr.Tab("Grad-CAM", id="gradcam"):
-                gradcam = gr.Image(label="Grad-CAM per layer (rows: layers, columns: models)", format="png",
+                gr.Markdown("**Grad-CAM per layer** — rows: models, columns: stages")
+                gradcam = gr.Image(label="Grad-CAM per layer", show_label=False, format="png",
                                    interactive=False, buttons=["download", "fullscreen"], elem_id="gradcam")
                 gradcam_legend = gr.Markdown("", elem_id="gradcam-legend")
             with gr.Tab("Redundancy", id="redundancy"):
-                taps = gr.Image(label="Module maps (SRU masks, SAConv switch, calibration maps, fusion weights, "
-                                      "branch shares)", format="png", interactive=False,
+                gr.Markdown("**Module maps** — SCConv SRU gates/masks, SAConv switch (true range), self-calibration "
+                            "maps, SPConv fusion weights; ACB branch shares are in the table")
+                taps = gr.Image(label="Module maps", show_label=False, format="png", interactive=False,
                                 buttons=["download", "fullscreen"], elem_id="taps")
                 taps_table = gr.Dataframe(label="Module maps: numbers", interactive=False, max_height=320,
                                           elem_id="taps-table")
@@ -966,7 +968,9 @@ def build_demo(config: AppConfig | None = None) -> gr.Blocks:
                     similarity = gr.Plot(label="Channel similarity matrices", elem_id="similarity")
                     cka = gr.Plot(label="Similarity to the baseline (linear CKA)", elem_id="cka")
             with gr.Tab("Receptive field", id="rf"):
-                erf = gr.Image(label="Effective receptive field per model", format="png", interactive=False,
+                gr.Markdown("**Effective receptive field** per model (log-scaled contribution of each input pixel "
+                            "to the centre unit of the stage), with the theoretical RF beside it")
+                erf = gr.Image(label="Effective receptive field", show_label=False, format="png", interactive=False,
                                buttons=["download", "fullscreen"], elem_id="erf")
                 erf_table = gr.Dataframe(label="ERF area ratios and theoretical RF", interactive=False,
                                          elem_id="erf-table")

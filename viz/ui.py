@@ -216,7 +216,9 @@ CSS = """
 .pc-bar {height:8px; background:var(--neutral-200); border-radius:4px; overflow:hidden}
 .pc-bar span {display:block; height:100%; background:var(--color-accent)}
 .pc-pred-p {text-align:right; font-variant-numeric:tabular-nums}
-.pc-cost td {padding:1px 8px 1px 0; border:none} .pc-cost {border:none; margin:0}
+.pc-cards table.pc-cost, .pc-cards table.pc-cost td, .pc-cards table.pc-cost tr {border:none !important;
+  background:none !important; padding:1px 10px 1px 0 !important; margin:0 !important; font-size:.9em}
+.pc-cards table.pc-cost {width:auto !important}
 .pc-badge {display:inline-block; padding:1px 7px; border-radius:9px; font-size:.8em; margin-right:4px}
 .pc-exact {background:#d1fae5; color:#065f46} .pc-calibrated {background:#dbeafe; color:#1e40af}
 .pc-trained {background:#ede9fe; color:#5b21b6} .pc-initialised {background:#fee2e2; color:#991b1b}
