@@ -208,3 +208,17 @@ def test_cpu_allocation_failure_becomes_a_clear_message(la: LaunchedApp, corpus:
         handle.remove()
         _assert_serving(la, corpus)
     assert re.search("(?i)memory", str(info.value)), str(info.value)
+
+
+def test_large_image_is_refused_from_its_header_through_the_app(la: LaunchedApp) -> None:
+    """48 MP (a 47 kB PNG of zeros): below PIL's own bomb error, above our limit. Gradio's
+    preprocessing only opens it lazily, so the handler's load_image refuses it before decoding."""
+    from gradio_client.exceptions import AppError
+
+    from tests.corpus import png_bytes
+
+    row = bytes(8000)
+    path = la.tmp / "big48mp.png"
+    path.write_bytes(png_bytes(8000, 6000, bit_depth=8, color_type=0, rows=lambda y: row))
+    with pytest.raises(AppError, match=r"big48mp.png: image is 8000×6000 = 48 MP, above the 40 MP limit"):
+        _analyze(la, path)
