@@ -101,6 +101,13 @@ def test_monitoring_is_disabled(la: LaunchedApp, path: str) -> None:
     assert r.status_code in (403, 404), (path, r.status_code)
 
 
+@pytest.mark.parametrize("path", ["/gradio_api/run-history/records", "/gradio_api/run-history/buckets"])
+def test_run_history_records_are_not_served(la: LaunchedApp, path: str) -> None:
+    """Run history is kept in each user's browser; the server lists no one's runs (needs sign-in)."""
+    r = _get(la, path)
+    assert r.status_code in (401, 403, 404), (path, r.status_code, r.text[:200])
+
+
 def _join(la: LaunchedApp, api_name: str, data: list) -> dict:
     """Submit raw data through the queue (what a hand-written HTTP client can send) and return
     the ``process_completed`` message."""
