@@ -195,7 +195,7 @@ def _tap_title(t: TapSummary) -> str:
 
 
 def tap_maps(
-    analysis: Analysis, image_index: int = 0, *, models: Sequence[str] | None = None, max_panels: int = 24,
+    analysis: Analysis, image_index: int = 0, *, models: Sequence[str] | None = None, max_panels: int = 8,
     panel_size: float = 2.3,
 ) -> Figure:
     """Spatial taps (gates, masks, switches) over the image, one row per model (up to ``max_panels``).

@@ -1,0 +1,126 @@
+"""analyze(): one forward + one backward per model, report structure, cost cache, presets, no mutation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+from torchvision.models import resnet18
+
+from plugconv.backbones import Backbone, WeightsInfo
+from viz.analysis import analyze
+from viz.models import DEFAULT_PRESET, prepare_model, site_presets
+
+
+def _tiny_backbone(size: int = 64) -> Backbone:
+    torch.manual_seed(0)
+    model = resnet18(num_classes=10).eval()
+    return Backbone("resnet18", model, size, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225),
+                    tuple(f"c{i}" for i in range(10)), WeightsInfo("random", None, None, "test"), torch.device("cpu"))
+
+
+def _image(seed: int) -> Image.Image:
+    g = torch.Generator().manual_seed(seed)
+    return Image.fromarray((torch.rand(72, 80, 3, generator=g) * 255).byte().numpy())
+
+
+@pytest.fixture(scope="module")
+def bb():
+    return _tiny_backbone()
+
+
+@pytest.fixture(scope="module")
+def entries(bb):
+    return [prepare_model(bb, v) for v in ("conv", "saconv", "scconv")]
+
+
+def test_one_forward_and_one_backward_per_model(bb, entries, monkeypatch):
+    forwards = {e.label: 0 for e in entries}
+    handles = []
+    for e in entries:
+        def hook(m, i, o, label=e.label):
+            forwards[label] += 1
+        handles.append(e.model.register_forward_hook(hook))
+    grads = []
+    real = torch.autograd.grad
+
+    def counting(outputs, inputs, *a, **k):
+        grads.append(len(inputs) if isinstance(inputs, (list, tuple)) else 1)
+        return real(outputs, inputs, *a, **k)
+
+    monkeypatch.setattr(torch.autograd, "grad", counting)
+    try:
+        a = analyze([_image(0), _image(1)], bb, entries, erf=False, profile=False)
+    finally:
+        for h in handles:
+            h.remove()
+    assert forwards == {e.label: 1 for e in entries}
+    assert grads == [4, 4, 4]  # one call per model, gradients for all four stage outputs at once
+    for m in a.models:
+        assert set(m.cams) == {"layer1", "layer2", "layer3", "layer4"}
+        assert m.cams["layer4"].raw.shape == (2, 2, 2) and m.cams["layer1"].raw.shape == (2, 16, 16)
+
+
+def test_report_dict_structure_and_shared_target(bb, entries):
+    a = analyze([_image(2)], bb, entries, erf=True, profile=True, latency=False, topk=3)
+    d = json.loads(json.dumps(a.to_dict(), allow_nan=False))
+    for key in ("backbone", "weights", "device", "input_size", "models", "target", "cka", "layers"):
+        assert key in d
+    assert d["weights"]["source"] == "random" and d["input_size"] == 64 and d["device"] == "cpu"
+    assert set(d["cka"]) == {"layer1", "layer2", "layer3", "layer4"}
+    for m, e in zip(d["models"], entries):
+        for key in ("variant", "swapped", "skipped", "provenance", "top5", "params", "flops", "latency_ms",
+                    "layers", "gradcam", "taps", "erf", "timings"):
+            assert key in m, key
+        assert m["swapped"] == list(e.swap.swapped)
+        probs = [t["prob"] for t in m["top5"]]
+        assert len(probs) == 3 and probs == sorted(probs, reverse=True) and sum(probs) <= 1 + 1e-9
+        assert m["params"] == sum(p.numel() for p in e.model.parameters())
+        assert m["flops"] > 0
+        assert [layer["name"] for layer in m["layers"]] == ["layer1", "layer2", "layer3", "layer4"]
+        assert m["layers"][0]["redundancy"]["C"] == 64 and "similarity" not in m["layers"][0]["redundancy"]
+        assert {"record", "backward", "erf", "profile"} <= set(m["timings"])
+        assert set(m["erf"]["area_ratios"]) == {"0.2", "0.3", "0.5", "0.99"}
+        assert m["errors"] == {}, m["errors"]
+    # every model explains the same class: the first model's top-1
+    assert d["target"]["classes"] == [int(a.models[0].record.logits.argmax())]
+    assert all(m.record.targets == a.models[0].record.targets for m in a.models)
+    assert d["models"][1]["taps"] and all(t["kind"] for t in d["models"][1]["taps"])
+
+
+def test_profile_is_cached_per_model(bb, entries, monkeypatch):
+    import viz.cost
+
+    calls = []
+    real = viz.cost.profile_model
+
+    def counting(model, *a, **k):
+        calls.append(model)
+        return real(model, *a, **k)
+
+    monkeypatch.setattr(viz.cost, "profile_model", counting)
+    e = prepare_model(bb, "conv")
+    for seed in (3, 4):
+        analyze([_image(seed)], bb, [e], erf=False, redundancy=False, profile=True, latency=False)
+    assert len(calls) == 1
+
+
+def test_presets_and_no_mutation(bb):
+    presets = site_presets("resnet18")
+    assert list(presets)[0] == DEFAULT_PRESET and {"last stage only", "first stage only"} <= set(presets)
+    relu_flags = [m.inplace for m in bb.model.modules() if isinstance(m, torch.nn.ReLU)]
+    grads = [p.requires_grad for p in bb.model.parameters()]
+    e = prepare_model(bb, "saconv", preset="last stage only")
+    assert e.swap.swapped and all(s.startswith("layer4.") for s in e.swap.swapped)
+    first = prepare_model(bb, "saconv", preset="first stage only")
+    assert first.swap.swapped and all(s.startswith("layer1.") for s in first.swap.swapped)
+    assert [m.inplace for m in bb.model.modules() if isinstance(m, torch.nn.ReLU)] == relu_flags
+    assert [p.requires_grad for p in bb.model.parameters()] == grads
+    assert not any(getattr(m, "inplace", False) for m in e.model.modules())
+    assert not any(p.requires_grad for p in e.model.parameters()) and not e.model.training
+    with pytest.raises(KeyError, match="unknown site preset 'nope'.*choose one of"):
+        prepare_model(bb, "saconv", preset="nope")
+    eff = site_presets("efficientnet_lite0")
+    assert eff["last stage only"]["exclude"] == [f"blocks.{i}.*" for i in range(6)]

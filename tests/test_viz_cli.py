@@ -1,0 +1,128 @@
+"""`python -m viz`: analyze on real photos (ResNet-18 random, bundled EfficientNet-Lite0), bad input, profile,
+and report.html opened in headless Chromium without console errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from viz.__main__ import main
+
+ROOT = Path(__file__).resolve().parents[1]
+PHOTO = ROOT / "assets" / "chelsea.jpg"
+ALL = "conv,scconv,saconv,selfcal,spconv,acb"
+MODEL_KEYS = ("variant", "swapped", "skipped", "provenance", "top5", "params", "flops", "latency_ms", "layers",
+              "gradcam", "taps", "erf", "timings")
+
+
+def _check_report(out: Path, variants: list[str]) -> dict:
+    d = json.loads((out / "report.json").read_text())
+    for key in ("backbone", "weights", "device", "input_size", "models"):
+        assert key in d
+    assert [m["variant"] for m in d["models"]] == variants
+    for m in d["models"]:
+        for key in MODEL_KEYS:
+            assert key in m, (m["variant"], key)
+        assert m["gradcam"] and all((out / g["png"]).is_file() for g in m["gradcam"])
+        assert all(t["png"] is None or (out / t["png"]).is_file() for t in m["taps"])
+        assert m["erf"]["area_ratios"] and m["params"] > 0 and m["flops"] > 0
+        assert not m["errors"], m["errors"]
+    assert (out / "report.html").is_file() and (out / "figures" / "gradcam.png").is_file()
+    return d
+
+
+@pytest.fixture(scope="module")
+def resnet_report(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("rep_resnet")
+    rc = main(["analyze", str(PHOTO), "--backbone", "resnet18", "--weights", "random", "--variants", ALL,
+               "--no-latency", "--out", str(out), "--quiet"])
+    assert rc == 0
+    return out
+
+
+def test_analyze_resnet18_all_variants(resnet_report):
+    d = _check_report(resnet_report, ALL.split(","))
+    assert d["backbone"] == "resnet18" and d["weights"]["source"] == "random"
+    by = {m["variant"]: m for m in d["models"]}
+    assert by["conv"]["swapped"] == [] and len(by["saconv"]["swapped"]) == 16
+    assert by["acb"]["extra"]["fuse_max_abs_diff"] < 1e-3
+    assert any(t["local"] == "switch" for t in by["saconv"]["taps"])
+
+
+def test_analyze_efficientnet_lite0_bundled(tmp_path):
+    rc = main(["analyze", str(PHOTO), "--backbone", "efficientnet_lite0", "--variants", "conv,scconv,saconv",
+               "--no-latency", "--no-erf", "--out", str(tmp_path), "--quiet"])
+    assert rc == 0
+    d = json.loads((tmp_path / "report.json").read_text())
+    assert d["weights"]["source"] == "bundled" and len(d["layers"]) == 7
+    by = {m["variant"]: m for m in d["models"]}
+    # variants that cannot take any site are listed with reasons, never a crash
+    for m in by.values():
+        assert m["swapped"] or m["variant"] == "conv" or all(s["reason"] for s in m["skipped"])
+        assert m["gradcam"] and m["top5"]
+
+
+def test_bad_image_is_one_line_exit_2(tmp_path, capsys):
+    bad = tmp_path / "page.jpg"
+    bad.write_text("<!DOCTYPE html><html><body>not an image</body></html>")
+    rc = main(["analyze", str(bad), "--backbone", "resnet18", "--weights", "random", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.startswith("error: ") and "page.jpg" in err and "\n" not in err
+    assert not (tmp_path / "o" / "report.json").exists()
+    rc = main(["analyze", str(PHOTO), "--backbone", "resnet18", "--weights", "random", "--variants", "conv,nope",
+               "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "nope" in err and "\n" not in err
+
+
+def test_profile_json(capsys):
+    rc = main(["profile", "--backbone", "resnet18", "--variants", "conv,acb", "--input-size", "64", "--no-latency",
+               "--json"])
+    assert rc == 0
+    d = json.loads(capsys.readouterr().out)
+    by = {m["variant"]: m for m in d["models"]}
+    assert by["conv"]["params"] == 11689512  # torchvision resnet18
+    from torchvision.models import resnet18
+
+    ref = resnet18()
+    c_out = sum(ref.get_submodule(site).out_channels for site in by["acb"]["swapped"])
+    assert by["acb"]["params"] > by["conv"]["params"]
+    # deploy form = the plain conv plus a bias: each fused site trades its BN (2·C) for a bias (C)
+    assert by["acb"]["deploy"]["params"] == by["conv"]["params"] - c_out
+
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def test_report_html_opens_offline_without_errors(resnet_report):
+    if not Path(CHROMIUM).exists() or shutil.which(CHROMIUM) is None:
+        pytest.skip("chromium not installed")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    html = (resnet_report / "report.html").read_text()
+    assert '<script src="http' not in html and html.count("* plotly.js v") <= 1  # inlined once, no CDN tag
+    errors: list[str] = []
+    requests: list[str] = []
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        try:
+            page = browser.new_page()
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.on("request", lambda r: requests.append(r.url))
+            page.goto((resnet_report / "report.html").as_uri())
+            page.wait_for_selector(".plotly-graph-div .main-svg", timeout=30000)
+            n_plots = page.locator(".plotly-graph-div").count()
+            n_rendered = page.evaluate("Array.from(document.querySelectorAll('.plotly-graph-div'))"
+                                       ".filter(d => d.querySelector('.main-svg')).length")
+            imgs_ok = page.evaluate("Array.from(document.images).every(i => i.complete && i.naturalWidth > 0)")
+        finally:
+            browser.close()
+    assert not errors, errors
+    assert n_plots >= 3 and n_rendered == n_plots
+    assert imgs_ok
+    assert all(u.startswith(("file:", "data:", "about:")) for u in requests), requests
