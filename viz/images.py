@@ -21,7 +21,8 @@ Policy (documented in docs/reliability.md):
 * **The right pixels.** EXIF orientation is applied (``ImageOps.exif_transpose``); the first frame
   of animations is used; transparency is composited over **white**; 16-bit images (``I;16``
   PNG/TIFF, 32-bit ``I``) are scaled to 8 bits by ``round(v / 257)`` (not clipped as Pillow's
-  ``convert("L")`` does); CMYK is converted through its embedded ICC profile when there is one;
+  ``convert("L")`` does; 16-bit RGB(A) PNGs arrive as their high byte from Pillow's decoder, within
+  1 of that); CMYK is converted through its embedded ICC profile when there is one;
   float (``F``) images in [0, 1] are scaled by 255, others clipped to [0, 255].
 * **Sane geometry.** The shorter side must be at least :data:`MIN_SIDE` (8) pixels and the aspect
   ratio (long / short side) at most :data:`MAX_ASPECT` (50:1). Resizing the shorter side of a
