@@ -44,6 +44,14 @@ def cfg(tmp_path_factory) -> app.AppConfig:
 
 
 @pytest.fixture(scope="module")
+def fast(cfg) -> app.AppConfig:
+    """The same app without the optional phases (ERF, redundancy, profile): for error and cache tests."""
+    import dataclasses
+
+    return dataclasses.replace(cfg, erf=False, redundancy=False, profile=False)
+
+
+@pytest.fixture(scope="module")
 def panels(cfg, tmp_path_factory):
     """One /analyze call's outputs, by name."""
     import os
@@ -182,12 +190,12 @@ def test_figure_panels_are_images(panels, key):
     assert img.std() > 5  # not blank
 
 
-def test_second_analysis_reuses_cached_models(cfg, panels):
+def test_second_analysis_reuses_cached_models(fast, panels):
     n = len(app.MODELS)
     keys = app.MODELS.keys()
     assert n >= 3
     preset = app.preset_choices("resnet18")[0]
-    app.analyze_panels(cfg, str(PHOTO), "resnet18", "random", ["conv", "saconv"], preset, "layer4",
+    app.analyze_panels(fast, str(PHOTO), "resnet18", "random", ["conv", "saconv"], preset, "layer4",
                        "per panel", "cpu")
     assert app.MODELS.keys()[:n] != [] and set(keys) <= set(app.MODELS.keys())
     assert len(app.MODELS) == n  # nothing new was built
@@ -214,16 +222,16 @@ def _error_message(excinfo) -> str:
         ({"device": "tpu"}, "tpu"),
     ],
 )
-def test_user_errors_become_gr_error(cfg, kwargs, needle):
+def test_user_errors_become_gr_error(fast, kwargs, needle):
     args = dict(image_src=str(PHOTO), backbone="resnet18", weights="random", variants=["conv"],
                 preset=app.preset_choices("resnet18")[0], layer=app.ALL_STAGES, scale="per panel", device="cpu")
     args.update(kwargs)
     with pytest.raises(gr.Error) as excinfo:
-        app.analyze_panels(cfg, **args)
+        app.analyze_panels(fast, **args)
     assert needle in _error_message(excinfo)
 
 
-def test_bad_image_files_give_readable_errors(cfg, tmp_path):
+def test_bad_image_files_give_readable_errors(fast, tmp_path):
     preset = app.preset_choices("resnet18")[0]
     html_file = tmp_path / "page.png"
     html_file.write_text("<!DOCTYPE html><html><body>not a picture</body></html>")
@@ -231,12 +239,12 @@ def test_bad_image_files_give_readable_errors(cfg, tmp_path):
     truncated.write_bytes(PHOTO.read_bytes()[:2000])
     for path in (html_file, truncated):
         with pytest.raises(gr.Error) as excinfo:
-            app.analyze_panels(cfg, str(path), "resnet18", "random", ["conv"], preset, app.ALL_STAGES,
+            app.analyze_panels(fast, str(path), "resnet18", "random", ["conv"], preset, app.ALL_STAGES,
                                "per panel", "cpu")
         msg = _error_message(excinfo)
         assert msg and "Traceback" not in msg
     # and the app keeps serving afterwards
-    out = app.analyze_panels(cfg, str(PHOTO), "resnet18", "random", ["conv"], preset, "layer4", "per panel", "cpu")
+    out = app.analyze_panels(fast, str(PHOTO), "resnet18", "random", ["conv"], preset, "layer4", "per panel", "cpu")
     assert "Analysed 1 model" in out[0]
 
 
@@ -252,7 +260,7 @@ def test_profile_endpoint(cfg):
     assert acb_whole > conv_whole  # ACB's extra 1×3 / 3×1 branches (training form)
 
 
-def test_calibrate_then_analyze_uses_calibrated_weights(cfg):
+def test_calibrate_then_analyze_uses_calibrated_weights(cfg, fast):
     preset = app.preset_choices("resnet18")[0]
     with pytest.raises(gr.Error) as excinfo:
         app.calibrate_panel(cfg, "resnet18", "random", ["conv", "saconv"], preset, "cpu")
@@ -261,14 +269,14 @@ def test_calibrate_then_analyze_uses_calibrated_weights(cfg):
     assert [r["label"] for r in reports] == ["scconv (calibrated)"]
     assert reports[0]["sites"] and "scconv (calibrated)" in text
     out = dict(zip(app.ANALYZE_OUTPUTS, app.analyze_panels(
-        cfg, str(PHOTO), "resnet18", "random", ["conv", "scconv"], preset, "layer4", "per panel", "cpu")))
+        fast, str(PHOTO), "resnet18", "random", ["conv", "scconv"], preset, "layer4", "per panel", "cpu")))
     report = json.loads(Path(next(p for p in out["downloads"] if p.endswith("report.json"))).read_text())
     cal = report["models"][1]
     assert cal["label"] == "scconv (calibrated)"
     assert set(cal["provenance"].values()) == {"calibrated"}
     assert "perturbed network" not in out["banners"]
     # unticking "use calibrated" goes back to the initialised model
-    out2 = app.analyze_panels(cfg, str(PHOTO), "resnet18", "random", ["scconv"], preset, "layer4", "per panel",
+    out2 = app.analyze_panels(fast, str(PHOTO), "resnet18", "random", ["scconv"], preset, "layer4", "per panel",
                               "cpu", False)
     assert "perturbed network, not trained" in out2[1]
 
