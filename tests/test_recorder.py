@@ -187,3 +187,20 @@ def test_concurrent_analyses_are_isolated(entry):
         for layer in a.cams:
             assert torch.equal(a.cams[layer].raw, b.cams[layer].raw)
     assert not torch.equal(seq[0].models[0].record.logits, seq[1].models[0].record.logits)
+
+
+def test_default_layers_are_stages_plus_swapped_sites():
+    from plugconv.surgery import swap_convs
+
+    torch.manual_seed(0)
+    res = swap_convs(resnet18(num_classes=10).eval(), "acb", include="layer3.*.conv2", probe_size=64)
+    model = make_analysis_copy(res.model)
+    with Recorder(model) as rec:
+        model(torch.randn(1, 3, 64, 64))
+    r = rec.finish()
+    assert r.layers == ("layer1", "layer2", "layer3", "layer4", *res.swapped)
+    assert r.gradient("layer4") is not None
+    # ACB absorbed bn2, so torchvision's `out += identity` modifies the site output in place:
+    # its value is a clone taken in the hook and it honestly gets no gradient
+    for site in res.swapped:
+        assert r.gradient(site) is None and any(site in n for n in r.notes)

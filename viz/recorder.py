@@ -143,9 +143,13 @@ class Recorder:
     Args:
         model: the analysis copy (eval mode; in-place activations off).
         layers: module paths whose outputs are recorded and get gradients (N×C×h×w each).
+            None: the stage outputs (:func:`viz.models.default_layers`: ResNet ``layer1..4``, timm
+            ``blocks.i``) plus every swapped site (each ``ConvVariant`` module).
         taps: fnmatch pattern(s) over ``Tap`` module paths to record (``"*"`` all, None none).
         clone: allow layers whose output is modified in place later in the forward (their value is
-            cloned in the hook and they get no gradient); False refuses them in ``finish``.
+            cloned in the hook and they get no gradient); False refuses them in ``finish``. None
+            (default): True when ``layers`` is None (a swapped site that absorbed its BN feeds
+            torchvision's ``out += identity``), else False.
         output_fn: maps the model output to N×K logits (tuples / dicts; see
             :func:`default_output_fn`).
 
@@ -156,15 +160,21 @@ class Recorder:
     def __init__(
         self,
         model: nn.Module,
-        layers: Sequence[str] = (),
+        layers: Sequence[str] | None = None,
         taps: str | Sequence[str] | None = "*",
         *,
-        clone: bool = False,
+        clone: bool | None = None,
         output_fn: Callable[[Any], torch.Tensor] = default_output_fn,
     ) -> None:
         self.model = model
-        self.layers = tuple(layers)
         modules = dict(model.named_modules())
+        if layers is None:
+            from viz.models import default_layers
+
+            sites = [n for n, m in modules.items() if isinstance(m, ConvVariant) and not _enclosing_variant(n, modules)[0]]
+            layers = list(dict.fromkeys([*default_layers(model), *sites]))
+            clone = True if clone is None else clone
+        self.layers = tuple(layers)
         missing = [n for n in self.layers if n not in modules]
         if missing:
             top = [n for n, _ in model.named_children()]
@@ -172,7 +182,7 @@ class Recorder:
                            f"top-level modules are: {', '.join(top)}")
         self._modules = modules
         self._tap_modules = find_taps(model, taps)
-        self.clone = clone
+        self.clone = bool(clone)
         self.output_fn = output_fn
         self._stack: ExitStack | None = None
         self._reset()
