@@ -54,7 +54,7 @@ def test_analyze_resnet18_all_variants(resnet_report):
 
 def test_analyze_efficientnet_lite0_bundled(tmp_path):
     rc = main(["analyze", str(PHOTO), "--backbone", "efficientnet_lite0", "--variants", "conv,scconv,saconv",
-               "--no-latency", "--no-erf", "--out", str(tmp_path), "--quiet"])
+               "--no-latency", "--no-erf", "--no-redundancy", "--out", str(tmp_path), "--quiet"])
     assert rc == 0
     d = json.loads((tmp_path / "report.json").read_text())
     assert d["weights"]["source"] == "bundled" and len(d["layers"]) == 7

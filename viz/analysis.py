@@ -130,7 +130,7 @@ class Analysis:
                 "taps": [],
                 "erf": None,
                 "theoretical_rf": _jsonable(m.theoretical_rf),
-                "timings": {k: round(v, 4) for k, v in m.timings.items()},
+                "timings": {k: round(v, 4) for k, v in {"load": self.timings.get("load", 0.0), **m.timings}.items()},
                 "errors": dict(m.errors),
                 "notes": list(m.record.notes),
                 "extra": _jsonable(m.extra),

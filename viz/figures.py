@@ -265,7 +265,7 @@ def erf_figure(
         rat = r.ratios
         txt = " ".join(f"{t:g}:{'n/r' if v is None else f'{v[1]:.3f}'}" for t, v in rat.items())
         th = (theoretical or {}).get(lbl) or {}
-        trf = th.get("label") or (f"{th.get('r_clipped')} px" if th else "n/a")
+        trf = _rf_short(th)
         ax.set_title(f"{lbl}\nratios {txt}\nr50 {r.radial['r50']} px · r90 {r.radial['r90']} px\n"
                      f"theoretical RF: {trf}", fontsize=6)
     pax = axes[-1]
@@ -283,6 +283,16 @@ def erf_figure(
                      f"grad rule {first.grad_rule} · log scaling · area ratios at t = 0.2/0.3/0.5/0.99"
                      f"{' · ' + prov if prov else ''}", fontsize=7)
     return fig
+
+
+def _rf_short(th: dict | None) -> str:
+    """Short theoretical-RF caption: local value (clipped to the input) and whether it is global."""
+    if not th:
+        return "n/a"
+    r = th.get("r_clipped", th.get("r"))
+    via = th.get("global_via") or []
+    g = f", global via {via[0]}{' …' if len(via) > 1 else ''}" if th.get("global") and via else ""
+    return f"{r} px local{g}"[:60]
 
 
 def erf_panel(r: ErfResult) -> np.ndarray:
