@@ -115,8 +115,7 @@ def test_calibration_reduces_site_error(teacher, images, variant: str) -> None:
         # relative error of a fresh module is around 1 (or more); calibration must cut it well down
         assert s.error_before > 0.3, s
         assert s.error_after < 0.5 * s.error_before, s
-    # independent recomputation of one site's error on the held-out crops from the report's numbers is
-    # not possible without the crops, so check the absorbed-BN pairing instead
+    # selfcal absorbs the BN that follows each conv: the target must include it
     if variant == "selfcal":
         assert [s.bn for s in rep.sites] == ["layer1.0.bn2", "layer2.1.bn1", "layer3.1.bn2"]
     else:
