@@ -96,12 +96,17 @@ class SiteCalibration:
             predicting zeros).
         error_after: the same after calibration.
         bn: module path of the teacher BN included in the target (absorbing variants), or None.
+        calibrated: False when the layer-wise fit ended with a larger error on the training crops
+            than the site started with (too few steps); the site then keeps its initial parameters
+            and its provenance (only checked without the end-to-end phase, which trades per-site
+            error for model-level agreement on purpose).
     """
 
     site: str
     error_before: float
     error_after: float
     bn: str | None = None
+    calibrated: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
@@ -440,7 +445,9 @@ def calibrate(
 
     Returns:
         CalibrationReport; its ``swap`` is ``student`` with provenance "calibrated" for the
-        calibrated sites (``dataclasses.replace``; the model object is the same).
+        calibrated sites (``dataclasses.replace``; the model object is the same). Without the
+        end-to-end phase, a site whose fit ended worse than it started on the training crops (e.g.
+        a 2-step run) keeps its initial parameters and provenance (``SiteCalibration.calibrated``).
 
     Raises:
         ValueError: a bad option, an unknown site, no images, or a site that runs more than once
@@ -511,6 +518,9 @@ def calibrate(
             agree_before, kl_before = _model_agreement(model, eval_x, ev_logits, batch_size, dev)
 
             site_mods = {s: model.get_submodule(s) for s in chosen}
+            # the guard below restores a site whose layer-wise fit ended worse than it started
+            init_state = {s: copy.deepcopy(mod.state_dict()) for s, mod in site_mods.items()}
+            fit_before = _site_errors(model, chosen, tr_in, tr_tg, batch_size) if not e2e_steps else {}
             # BatchNorms inside a variant that never saw data: estimate their statistics first
             with torch.no_grad():
                 for s, mod in site_mods.items():
@@ -589,6 +599,12 @@ def calibrate(
             for p in params:
                 p.grad = None
             model.requires_grad_(False)
+            reverted: list[str] = []
+            if not e2e_steps and chosen:
+                fit_after = _site_errors(model, chosen, tr_in, tr_tg, batch_size)
+                reverted = [s for s in chosen if not fit_after[s] < fit_before[s]]
+                for s in reverted:
+                    site_mods[s].load_state_dict(init_state[s])
             report(0.95, "measuring errors after calibration")
             err_after = _site_errors(model, chosen, ev_in, ev_tg, batch_size)
             agree_after, kl_after = _model_agreement(model, eval_x, ev_logits, batch_size, dev)
@@ -599,12 +615,14 @@ def calibrate(
             model.to(home).eval()
 
     provenance = dict(student.provenance)
-    provenance.update(dict.fromkeys(chosen, "calibrated"))
+    provenance.update({s: "calibrated" for s in chosen if s not in reverted})
     new_swap = dataclasses.replace(student, provenance=provenance)
-    report(1.0, "calibration done")
+    report(1.0, "calibration done" + (f"; {len(reverted)} site(s) kept their initial parameters" if reverted else ""))
     return CalibrationReport(
         variant=student.variant,
-        sites=tuple(SiteCalibration(s, err_before[s], err_after[s], bns.get(s)) for s in chosen),
+        sites=tuple(
+            SiteCalibration(s, err_before[s], err_after[s], bns.get(s), s not in reverted) for s in chosen
+        ),
         agreement_before=agree_before,
         agreement_after=agree_after,
         kl_before=kl_before,
@@ -704,7 +722,7 @@ def save_calibration(path: str | Path, report: CalibrationReport, metadata: Mapp
     if report.swap is None:
         raise ValueError("report has no swap result to save (was it built by calibrate?)")
     swap = report.swap
-    sites = [s.site for s in report.sites]
+    sites = [s.site for s in report.sites if s.calibrated]
     record = {
         "format": FORMAT,
         "variant": swap.variant,

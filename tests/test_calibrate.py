@@ -205,7 +205,7 @@ def test_bad_arguments(teacher, images) -> None:
 
 def test_cache_round_trip(teacher, images, tmp_path: Path) -> None:
     weights = {"source": "random", "location": None, "sha256": None, "description": "random"}
-    opts = {**FAST, "steps": 10}
+    opts = {**FAST, "steps": 40}
     msgs1: list[str] = []
     swap1 = _swap(teacher, "spconv", seed=1)
     rep1 = calibrate_cached("resnet18", weights, swap1, teacher, images, cache_dir=tmp_path,
@@ -216,7 +216,7 @@ def test_cache_round_trip(teacher, images, tmp_path: Path) -> None:
     _, record = read_calibration(files[0])
     assert record["backbone"] == "resnet18" and record["variant"] == "spconv"
     assert record["sites"] == SITES and record["cache_record"]["image_sha256"] == images_sha256(images)
-    assert record["report"]["steps"] == 10 and "plugconv_version" in record
+    assert record["report"]["steps"] == 40 and "plugconv_version" in record
 
     msgs2: list[str] = []
     swap2 = _swap(teacher, "spconv", seed=2)  # different fresh init: loading must overwrite it
@@ -290,3 +290,19 @@ def test_cli_calibrate(teacher, tmp_path: Path) -> None:
     bad = subprocess.run([*cmd[:9], "nonsense", *cmd[10:]], capture_output=True, text=True, cwd=ROOT,
                          timeout=300, env=env)
     assert bad.returncode != 0 and "nonsense" in bad.stderr
+
+
+def test_too_short_fit_keeps_initial_parameters(teacher, images) -> None:
+    """One step from freshly estimated BN statistics is worse than the fresh module: nothing is kept."""
+    swap = _swap(teacher, "selfcal")
+    init = _site_state(swap)
+    rep = calibrate(teacher, swap, images, **{**FAST, "steps": 1})
+    kept = [s for s in rep.sites if not s.calibrated]
+    assert kept, "expected at least one site to be worse after a single step"
+    for s in kept:
+        assert rep.swap.provenance[s.site] == "initialised"
+        assert s.error_after == pytest.approx(s.error_before, rel=1e-6)
+        state = {k: v for k, v in _site_state(swap, [s.site]).items()}
+        assert all(torch.equal(state[k], init[k]) for k in state)
+    for s in rep.sites:
+        assert rep.swap.provenance[s.site] == ("calibrated" if s.calibrated else "initialised")
