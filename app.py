@@ -218,6 +218,34 @@ def _message(e: BaseException) -> str:
     return str(e) or type(e).__name__
 
 
+class RawImage(gr.Image):
+    """``gr.Image`` that hands the upload's server-side path to the handler unopened.
+
+    Stock ``gr.Image`` preprocessing opens every upload with PIL before the handler runs, so a
+    zero-byte file, text/HTML renamed to an image, an SVG, a HEIC or a decompression bomb would
+    fail there with Gradio's generic "Error". Passing the path through lets
+    ``viz.images.load_image`` name the problem. The path is one Gradio itself stored in its upload
+    cache (Gradio refuses client payloads that name other server files before ``preprocess``).
+    """
+
+    def preprocess(self, payload: Any) -> Any:
+        if self.type == "filepath" and payload is not None and getattr(payload, "path", None):
+            return str(payload.path)
+        return super().preprocess(payload)
+
+
+_CPU_OOM_MARKERS = ("can't allocate memory", "out of memory", "not enough memory")
+
+
+def _is_oom(e: BaseException) -> bool:
+    """CUDA OOM (``torch.OutOfMemoryError``) or a CPU allocator failure (a plain ``RuntimeError``)."""
+    if isinstance(e, torch.OutOfMemoryError):
+        return True
+    if isinstance(e, MemoryError):
+        return True
+    return isinstance(e, RuntimeError) and any(m in str(e).lower() for m in _CPU_OOM_MARKERS)
+
+
 def user_errors() -> tuple[type[BaseException], ...]:
     """Exception types that mean "the request cannot be served as asked" (shown to the user)."""
     from plugconv.backbones import BackboneUnavailable
@@ -231,7 +259,7 @@ def to_gr_error(e: BaseException) -> gr.Error:
     """The ``gr.Error`` shown for a user-caused failure (out of memory gets advice and a cache flush)."""
     if isinstance(e, gr.Error):
         return e
-    if isinstance(e, torch.OutOfMemoryError):
+    if _is_oom(e):
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         return gr.Error("Out of memory while running the models: choose fewer variants, a smaller backbone or "
@@ -249,7 +277,7 @@ class _UserErrors:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        if exc is not None and not isinstance(exc, gr.Error) and isinstance(exc, user_errors()):
+        if exc is not None and not isinstance(exc, gr.Error) and (isinstance(exc, user_errors()) or _is_oom(exc)):
             raise to_gr_error(exc) from exc
         return False
 
@@ -920,7 +948,7 @@ def build_demo(config: AppConfig | None = None) -> gr.Blocks:
             gr.HTML(f'<div class="pc-banner pc-info">{html.escape(offline_note)}</div>', elem_id="offline-note")
         with gr.Row(equal_height=False):
             with gr.Column(scale=1, min_width=300):
-                image = gr.Image(label="Image", type="filepath", image_mode=None, sources=["upload", "clipboard", "webcam"],
+                image = RawImage(label="Image", type="filepath", image_mode=None, sources=["upload", "clipboard", "webcam"],
                                  height=300, elem_id="input-image")
                 if examples:
                     gr.Examples(examples=[[str(p)] for p in examples], inputs=[image], label="Example photos",

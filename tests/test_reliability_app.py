@@ -19,11 +19,6 @@ import torch
 
 from tests.corpus import BAD, CASES, GOOD, LaunchedApp, small_app_config
 
-#: cases that Gradio's own ``gr.Image`` preprocessing (``PIL.Image.open`` on the upload, before the
-#: handler runs) rejects with a *generic* error while the app uses a stock ``gr.Image``; the library
-#: has the readable message (tests/test_images.py), the app must hand the path to load_image unopened.
-GENERIC_IN_GR_IMAGE = {"zero_byte", "text_as_png", "html_as_jpg", "bomb_20000", "svg_as_png", "heic"}
-
 
 @pytest.fixture(scope="module")
 def la(tmp_path_factory: pytest.TempPathFactory):
@@ -102,9 +97,7 @@ def test_exif_orientation_is_applied_once(la: LaunchedApp, corpus: dict[str, Pat
 
 @pytest.mark.parametrize(
     "name",
-    [pytest.param(n, marks=pytest.mark.xfail(reason="stock gr.Image opens the upload with PIL before the handler: "
-                                                      "generic error instead of load_image's message", strict=False))
-     if n in GENERIC_IN_GR_IMAGE else n for n in BAD],
+    BAD,
 )
 def test_bad_corpus_gives_a_readable_error(
     la: LaunchedApp, corpus: dict[str, Path], name: str
@@ -186,8 +179,6 @@ def test_gpu_out_of_memory_becomes_a_clear_message_and_the_next_request_works(
     _assert_serving(la, corpus)
 
 
-@pytest.mark.xfail(reason="the app maps torch.OutOfMemoryError only; CPU allocation failures are RuntimeError "
-                          "('DefaultCPUAllocator: can't allocate memory') and show a generic error", strict=False)
 def test_cpu_allocation_failure_becomes_a_clear_message(la: LaunchedApp, corpus: dict[str, Path]) -> None:
     """A real CPU allocator failure (a 100 TB tensor) raised inside the model forward."""
     from gradio_client.exceptions import AppError
