@@ -218,20 +218,28 @@ def _message(e: BaseException) -> str:
     return str(e) or type(e).__name__
 
 
-class RawImage(gr.Image):
-    """``gr.Image`` that hands the upload's server-side path to the handler unopened.
+def raw_image(**kwargs: Any) -> gr.Image:
+    """A ``gr.Image(type="filepath")`` that hands the upload's server-side path to the handler unopened.
 
     Stock ``gr.Image`` preprocessing opens every upload with PIL before the handler runs, so a
     zero-byte file, text/HTML renamed to an image, an SVG, a HEIC or a decompression bomb would
     fail there with Gradio's generic "Error". Passing the path through lets
     ``viz.images.load_image`` name the problem. The path is one Gradio itself stored in its upload
     cache (Gradio refuses client payloads that name other server files before ``preprocess``).
+    The override is bound to the instance rather than done by subclassing: Gradio writes a ``.pyi``
+    stub next to the source file of every ``Component`` subclass, which fails on a read-only
+    install and litters the tree.
     """
+    comp = gr.Image(type="filepath", **kwargs)
+    stock = comp.preprocess
 
-    def preprocess(self, payload: Any) -> Any:
-        if self.type == "filepath" and payload is not None and getattr(payload, "path", None):
+    def preprocess(payload: Any) -> Any:
+        if payload is not None and getattr(payload, "path", None):
             return str(payload.path)
-        return super().preprocess(payload)
+        return stock(payload)
+
+    comp.preprocess = preprocess  # type: ignore[method-assign]
+    return comp
 
 
 _CPU_OOM_MARKERS = ("can't allocate memory", "out of memory", "not enough memory")
@@ -948,7 +956,7 @@ def build_demo(config: AppConfig | None = None) -> gr.Blocks:
             gr.HTML(f'<div class="pc-banner pc-info">{html.escape(offline_note)}</div>', elem_id="offline-note")
         with gr.Row(equal_height=False):
             with gr.Column(scale=1, min_width=300):
-                image = RawImage(label="Image", type="filepath", image_mode=None, sources=["upload", "clipboard", "webcam"],
+                image = raw_image(label="Image", image_mode=None, sources=["upload", "clipboard", "webcam"],
                                  height=300, elem_id="input-image")
                 if examples:
                     gr.Examples(examples=[[str(p)] for p in examples], inputs=[image], label="Example photos",
