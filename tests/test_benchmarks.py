@@ -16,7 +16,7 @@ from benchmarks.run import NAMES, Config, format_markdown, format_table, main, r
 
 TINY = {
     "backbone": "resnet18", "size": 64, "variants": ("conv", "acb"), "repeats": 1, "warmup": 0,
-    "toolchain_repeats": 1, "app_warm_calls": 1, "memory_iterations": 2, "latency_repeats": 2,
+    "toolchain_repeats": 1, "toolchain_warmup": 0, "app_warm_calls": 1, "memory_iterations": 2, "latency_repeats": 2,
     "latency_warmup": 1, "calib_variant": "scconv", "calib_images": 2, "calib_size": 64, "calib_steps": 2,
     "quick": True, "app_overrides": {"profile_repeats": 1, "profile_warmup": 0},
 }
