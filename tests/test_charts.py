@@ -152,3 +152,36 @@ def test_similarity_heatmaps():
     _roundtrip(grid)
     with pytest.raises(ValueError, match="square"):
         similarity_heatmap(np.zeros((2, 3)))
+
+
+def test_large_similarity_matrices_are_subsampled_and_labelled():
+    from viz.charts import subsample_square
+
+    k = 300
+    z = np.add.outer(np.arange(k), 1000 * np.arange(k)).astype(float)  # z[i, j] = i + 1000 j: positions readable
+    sub, kept, step = subsample_square(z, None, 128)
+    assert step == 3 and kept == list(range(0, k, 3)) and sub.shape == (100, 100)
+    assert sub[5, 7] == 15 + 1000 * 21  # exact entries of the principal sub-matrix, no averaging
+    same, kept_all, one = subsample_square(z[:128, :128], list(range(10, 138)), 128)
+    assert one == 1 and kept_all[0] == 10 and same.shape == (128, 128)
+    with pytest.raises(ValueError, match="max_shown"):
+        subsample_square(z, None, 0)
+    sim = {"matrix": np.clip(z / z.max(), -1, 1), "channels": list(range(k)), "centred": True}
+    fig = similarity_heatmap(sim)
+    (hm,) = fig.data
+    assert len(hm.z) == 100 and list(hm.x)[:3] == ["0", "3", "6"]
+    assert "every 3rd channel: 100 of 300 shown" in fig.layout.title.text
+    grid = similarity_grid({"conv": sim, "small": np.eye(4)})
+    assert [len(t.z) for t in grid.data] == [100, 4]
+    titles = [a.text for a in grid.layout.annotations]
+    assert titles[0] == "conv (every 3rd channel: 100 of 300 shown)" and titles[1] == "small"
+    assert len(similarity_heatmap(sim, max_shown=None).data[0].z) == k
+
+
+def test_cost_summary_says_when_latency_is_not_measured(profiles):
+    untimed = {k: {**p, "latency": None} for k, p in profiles.items()}
+    fig = cost_summary(untimed)
+    assert all(v is None for v in fig.data[2].y)
+    assert any("not measured yet" in (a.text or "") for a in fig.layout.annotations)
+    timed = cost_summary(profiles)
+    assert not any("not measured" in (a.text or "") for a in timed.layout.annotations)

@@ -17,6 +17,7 @@ import json
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -111,7 +112,9 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         try:
             images.append(_load_image(p))
         except (OSError, ValueError) as e:
-            raise UsageError(f"{p}: {e}") from e
+            # viz.images.load_image's messages already name the file: print them as they are
+            msg = str(e)
+            raise UsageError(msg if Path(p).name in msg else f"{p}: {msg}") from e
     bb = _backbone(args.backbone, args.weights, args.device)
     entries = _entries(bb, _split(args.variants), args.preset)
 

@@ -196,6 +196,13 @@ def cost_summary(profiles: Mapping[str, Mapping[str, Any]], *, height: int = 360
     fig.add_trace(go.Bar(x=labels, y=lat, marker_color=colors, name="latency",
                          error_y={"type": "data", "array": iqr, "visible": True},
                          hovertemplate="%{x}: %{y:.3f} ms (median)<extra></extra>"), 1, 3)
+    missing = [lb for lb, v in zip(labels, lat) if v is None]
+    if missing:
+        # latency is measured on demand (the app's Profile tab): say so instead of an empty axis
+        text = ("not measured yet<br>(open the Profile tab)" if len(missing) == len(labels)
+                else "not measured yet: " + ", ".join(missing))
+        fig.add_annotation(text=text, xref="x3 domain", yref="y3 domain", x=0.5, y=0.5, showarrow=False,
+                           font={"size": 12, "color": "#9a3412"})
     fig.update_layout(height=height, showlegend=False, margin={"l": 50, "r": 20, "t": 50, "b": 60})
     return fig
 
@@ -310,12 +317,43 @@ def _sim_parts(sim: Any) -> tuple[np.ndarray, list[int] | None, bool]:
     return np.asarray(sim, dtype=float), None, True
 
 
+def subsample_square(z: np.ndarray, channels: Sequence[int] | None, max_shown: int | None) -> tuple[np.ndarray, list[int], int]:
+    """Principal sub-matrix on every ``step``-th channel so at most ``max_shown`` rows are drawn.
+
+    Args:
+        z: K×K similarity matrix.
+        channels: original channel index of each row (None = ``0..K-1``).
+        max_shown: most rows/columns kept (None or ≥ K: all).
+
+    Returns:
+        ``(sub-matrix, kept original channel indices, step)``; ``step == 1`` means nothing dropped.
+        The kept entries are exact values of ``z`` (no averaging), so colours stay true cosines.
+    """
+    k = z.shape[0]
+    ch = list(channels) if channels is not None else list(range(k))
+    if max_shown is None or k <= max_shown:
+        return z, ch, 1
+    if max_shown < 1:
+        raise ValueError(f"max_shown must be >= 1, got {max_shown}")
+    step = -(-k // max_shown)
+    idx = np.arange(0, k, step)
+    return z[np.ix_(idx, idx)], [ch[i] for i in idx], step
+
+
+def _shown_note(k: int, kept: int, step: int) -> str:
+    if step == 1:
+        return ""
+    suffix = "th" if 10 <= step % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(step % 10, "th")
+    return f" (every {step}{suffix} channel: {kept} of {k} shown)"
+
+
 def similarity_heatmap(
     sim: Mapping[str, Any] | np.ndarray,
     *,
     title: str | None = None,
     signed: bool = True,
     height: int = 420,
+    max_shown: int | None = 128,
 ) -> go.Figure:
     """Channel-similarity matrix heatmap.
 
@@ -326,6 +364,8 @@ def similarity_heatmap(
         signed: True: signed cosine on a diverging scale centred at 0 (cmocean balance, −1…1);
             False: |cos| on Viridis, 0…1.
         height: px.
+        max_shown: matrices with more channels show the principal sub-matrix on every k-th
+            channel (:func:`subsample_square`), labelled in the title; None draws all.
 
     Returns:
         Figure with one Heatmap trace.
@@ -333,9 +373,12 @@ def similarity_heatmap(
     z, channels, centred = _sim_parts(sim)
     if z.ndim != 2 or z.shape[0] != z.shape[1]:
         raise ValueError(f"similarity matrix must be square, got shape {z.shape}")
+    k = z.shape[0]
+    z, channels, step = subsample_square(z, channels, max_shown)
     fig = go.Figure(_sim_trace(z, channels, signed=signed, showscale=True))
     if title is None:
-        title = f"channel similarity ({'centred' if centred else 'plain'} cosine, {z.shape[0]} channels)"
+        title = f"channel similarity ({'centred' if centred else 'plain'} cosine, {k} channels)"
+    title += _shown_note(k, len(channels), step)
     fig.update_layout(title={"text": title, "font": {"size": 13}}, height=height,
                       yaxis={"autorange": "reversed", "scaleanchor": "x"},
                       margin={"l": 50, "r": 20, "t": 60, "b": 40})
@@ -361,14 +404,24 @@ def similarity_grid(
     signed: bool = True,
     title: str | None = None,
     height: int = 380,
+    max_shown: int | None = 128,
 ) -> go.Figure:
-    """Several similarity matrices side by side (e.g. one stage, vanilla vs variants), one shared scale."""
+    """Several similarity matrices side by side (e.g. one stage, vanilla vs variants), one shared scale.
+
+    Matrices with more than ``max_shown`` channels show the principal sub-matrix on every k-th
+    channel (exact values, :func:`subsample_square`); each subplot title says how many are shown.
+    """
     if not sims:
         raise ValueError("sims is empty: pass {label: similarity matrix}")
     names = list(sims)
-    fig = make_subplots(rows=1, cols=len(names), subplot_titles=names, horizontal_spacing=0.04)
-    for i, name in enumerate(names, start=1):
+    parts = []
+    for name in names:
         z, ch, _ = _sim_parts(sims[name])
+        k = z.shape[0]
+        z, ch, step = subsample_square(z, ch, max_shown)
+        parts.append((z, ch, f"{name}{_shown_note(k, len(ch), step)}"))
+    fig = make_subplots(rows=1, cols=len(names), subplot_titles=[p[2] for p in parts], horizontal_spacing=0.04)
+    for i, (z, ch, _) in enumerate(parts, start=1):
         fig.add_trace(_sim_trace(z, ch, signed=signed, showscale=(i == len(names))), row=1, col=i)
         fig.update_yaxes(autorange="reversed", showticklabels=(i == 1), row=1, col=i)
         fig.update_xaxes(showticklabels=False, row=1, col=i)
