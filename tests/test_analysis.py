@@ -124,3 +124,49 @@ def test_presets_and_no_mutation(bb):
         prepare_model(bb, "saconv", preset="nope")
     eff = site_presets("efficientnet_lite0")
     assert eff["last stage only"]["exclude"] == [f"blocks.{i}.*" for i in range(6)]
+
+
+def test_erf_from_the_recorded_graph_one_forward_per_model(bb, entries, monkeypatch):
+    """With the ERF: still one forward per model (pre-hooks also count truncated forwards) and two
+    ``autograd.grad`` calls on that one graph: the ERF seed -> input, then the score -> 4 stages."""
+    import numpy as np
+
+    forwards = {e.label: 0 for e in entries}
+    handles = []
+    for e in entries:
+        def pre(m, i, label=e.label):
+            forwards[label] += 1
+        handles.append(e.model.register_forward_pre_hook(pre))
+    grads = []
+    real = torch.autograd.grad
+
+    def counting(outputs, inputs, *a, **k):
+        grads.append((len(inputs) if isinstance(inputs, (list, tuple)) else 1, bool(k.get("retain_graph"))))
+        return real(outputs, inputs, *a, **k)
+
+    monkeypatch.setattr(torch.autograd, "grad", counting)
+    images = [_image(5), _image(6)]
+    try:
+        a = analyze(images, bb, entries, erf=True, redundancy=False, profile=False)
+    finally:
+        monkeypatch.undo()
+        for h in handles:
+            h.remove()
+    assert forwards == {e.label: 1 for e in entries}
+    assert grads == [(1, True), (4, False)] * len(entries)
+    # independent oracles: the ERF's own truncated pass, Grad-CAM without the ERF, a plain forward
+    from viz.analysis import prepare_inputs
+    from viz.erf import effective_receptive_field
+
+    x, _ = prepare_inputs(images, bb)
+    plain = analyze(images, bb, entries, erf=False, redundancy=False, profile=False)
+    for m, p, e in zip(a.models, plain.models, entries):
+        ref = effective_receptive_field(e.model, "layer4", x)
+        assert m.errors == {}, m.errors
+        assert np.array_equal(m.erf.mean_map, ref.mean_map) and m.erf.mean_map.max() > 0
+        assert m.erf.ratios == ref.ratios and m.erf.feature_hw == ref.feature_hw == (2, 2)
+        with torch.no_grad():
+            assert torch.equal(m.record.logits, e.model(x))
+        assert torch.equal(m.record.logits, p.record.logits)
+        for layer in ("layer1", "layer2", "layer3", "layer4"):
+            assert torch.equal(m.cams[layer].raw, p.cams[layer].raw)

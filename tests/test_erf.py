@@ -94,3 +94,22 @@ def test_radial_profile_known_answers():
     p = radial_profile(ring)
     assert p["r50"] == 4 and p["r90"] == 4 and p["cumulative"][0] == pytest.approx(0.2)
     assert p["r90_frac"] == pytest.approx(4 / 5.5)
+
+
+def test_erf_from_maps_matches_effective_receptive_field():
+    from viz.erf import contribution_maps, erf_from_maps
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1))
+    x = torch.randn(3, 3, 17, 17)
+    ref = effective_receptive_field(net, "2", x, batch_size=2)
+    maps = torch.cat([contribution_maps(net, "2", x[i:i + 2])[0] for i in (0, 2)])
+    got = erf_from_maps(maps, "2", (17, 17), (17, 17))
+    assert np.array_equal(got.mean_map, ref.mean_map) and got.ratios == ref.ratios and got.n_images == 3
+    nan = maps.clone()
+    nan[1, 0, 0] = float("nan")
+    skipped = erf_from_maps(nan, "2", (17, 17), (17, 17))
+    assert skipped.n_images == 2 and skipped.skipped == 1
+    np.testing.assert_allclose(skipped.mean_map, ((maps[0] + maps[2]) / 2).numpy())
+    with pytest.raises(ValueError, match="unknown grad_rule 'x'"):
+        contribution_maps(net, "2", x, grad_rule="x")

@@ -204,3 +204,32 @@ def test_default_layers_are_stages_plus_swapped_sites():
     # its value is a clone taken in the hook and it honestly gets no gradient
     for site in res.swapped:
         assert r.gradient(site) is None and any(site in n for n in r.notes)
+
+
+def test_erf_input_gradient_on_the_recorded_graph(entry):
+    from viz.erf import contribution, contribution_maps
+
+    torch.manual_seed(3)
+    x = torch.randn(2, 3, 64, 64)
+    xi = x.clone().requires_grad_(True)
+    with Recorder(entry.model, layers=["layer2", "layer3"], taps=None) as rec, torch.enable_grad():
+        entry.model(xi)
+    r = rec.finish(target=[1, 2], erf_layer="layer3", erf_input=xi)
+    m_ref, hw = contribution_maps(entry.model, "layer3", x)
+    assert r.erf_layer == "layer3" and r.erf_feature_hw == hw == (4, 4) and r.erf_error is None
+    assert torch.equal(contribution(r.input_grad), m_ref)
+    # the Grad-CAM gradients are unchanged by the extra ERF backward on the same graph
+    with Recorder(entry.model, layers=["layer2", "layer3"], taps=None) as rec2, torch.enable_grad():
+        entry.model(x)
+    r2 = rec2.finish(target=[1, 2])
+    assert r2.input_grad is None and r2.erf_layer is None
+    for key in r2.gradients:
+        assert torch.equal(r.gradients[key], r2.gradients[key])
+    with Recorder(entry.model, layers=["layer2"], taps=None) as rec3, torch.enable_grad():
+        entry.model(xi)
+    with pytest.raises(KeyError, match="ERF layer 'layer4' was not recorded"):
+        rec3.finish(erf_layer="layer4", erf_input=xi)
+    with Recorder(entry.model, layers=["layer2"], taps=None) as rec4, torch.enable_grad():
+        entry.model(x)
+    with pytest.raises(ValueError, match="requires_grad=True"):
+        rec4.finish(erf_layer="layer2", erf_input=x)

@@ -1,10 +1,15 @@
 """``analyze()``: one recorded pass per model, then ERF, redundancy and the (cached) cost profile.
 
-For each model: ONE instrumented forward over the batch of images and ONE ``autograd.grad`` give
-the predictions, Grad-CAM at every chosen layer, the taps and the activations for redundancy.
-Then the effective receptive field (its own truncated forward + backward, analysis.md §2.1) and
-the cost profile (a separate unhooked pass; image-independent, cached per model, device and input
-size). Everything returned is raw (CPU tensors / numpy); figures normalise for display only.
+For each model: ONE instrumented forward over the batch of images (the input requiring grad when
+the ERF is asked for) gives the predictions, the taps and the activations for redundancy; on that
+one graph, ``Recorder.finish`` takes the effective receptive field's input gradient
+(``autograd.grad`` of Σ_c ReLU(F[:, :, h//2, w//2]) at the ERF stage, a recorded layer, with
+``retain_graph=True``; analysis.md §2.1) and then ONE ``autograd.grad`` of the class score for
+Grad-CAM at every chosen layer. So: one forward and two ``autograd.grad`` calls per model with the
+ERF, one of each without. The cost profile is a separate unhooked pass (image-independent, cached
+per model, device and input size), as are the ACB fusion check (cached per model and input) and
+the theoretical receptive field (cached per model, layer and input size). Everything returned is
+raw (CPU tensors / numpy); figures normalise for display only.
 """
 
 from __future__ import annotations
@@ -386,18 +391,25 @@ def analyze(
         timings: dict[str, float] = {}
         errors: dict[str, str] = {}
         report(done / steps, f"{entry.label}: recording")
+        # the ERF input gradient comes from the same recorded graph (a recorded layer, the input
+        # requiring grad): one forward per model for every per-image panel
+        erf_here = bool(erf and erf_at is not None and erf_at in dict(entry.model.named_modules()))
+        rec_layers = chosen if not erf_here or erf_at in chosen else [*chosen, erf_at]
+        xi = x.detach().clone().requires_grad_(True) if erf_here else x
+        erf_kw: dict[str, Any] = {"erf_layer": erf_at, "erf_input": xi} if erf_here else {}
         with entry.lock:
             t = time.perf_counter()
-            with Recorder(entry.model, layers=chosen, taps="*") as rec, torch.enable_grad():
-                entry.model(x)
+            with Recorder(entry.model, layers=rec_layers, taps="*") as rec, torch.enable_grad():
+                entry.model(xi)
             timings["record"] = time.perf_counter() - t
             t = time.perf_counter()
             if targets is None:
-                record = rec.finish(target=None)
+                record = rec.finish(target=None, **erf_kw)
                 targets = record.targets
             else:
-                record = rec.finish(target=list(targets))
+                record = rec.finish(target=list(targets), **erf_kw)
             timings["backward"] = time.perf_counter() - t
+        del xi
         cams = {}
         for layer in chosen:
             try:
@@ -432,10 +444,16 @@ def analyze(
             report(done / steps, f"{entry.label}: effective receptive field at {erf_at}")
             t = time.perf_counter()
             try:
-                from viz.erf import effective_receptive_field
+                from viz.erf import contribution, effective_receptive_field, erf_from_maps
 
-                with entry.lock:
-                    res.erf = effective_receptive_field(entry.model, erf_at, x)
+                if not erf_here:  # not a module: its own pass reports the error
+                    with entry.lock:
+                        res.erf = effective_receptive_field(entry.model, erf_at, x)
+                elif record.input_grad is not None and record.erf_feature_hw is not None:
+                    res.erf = erf_from_maps(contribution(record.input_grad), erf_at, tuple(x.shape[-2:]),
+                                            record.erf_feature_hw)
+                else:
+                    errors["erf"] = f"ValueError: {record.erf_error}"
             except Exception as e:
                 errors["erf"] = f"{type(e).__name__}: {e}"
             try:

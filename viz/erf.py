@@ -27,6 +27,7 @@ from torch import nn
 
 THRESHOLDS = (0.2, 0.3, 0.5, 0.99)
 GRAD_RULES = ("relu", "abs")
+SEEDS = ("centre", "unit")
 
 
 class _StopForward(Exception):
@@ -201,26 +202,57 @@ def contribution_maps(
     Returns:
         (N×H×W float64 maps on CPU, (h, w) of the stage output).
     """
-    if grad_rule not in GRAD_RULES:
-        raise ValueError(f"unknown grad_rule {grad_rule!r}; choose one of {', '.join(GRAD_RULES)}")
-    if seed not in ("centre", "unit"):
-        raise ValueError(f"unknown seed {seed!r}; choose 'centre' or 'unit'")
+    _check_rules(grad_rule, seed)
     xi = x.detach().clone().requires_grad_(True)
     with torch.enable_grad():
         f = truncated_forward(model, layer, xi)
-        if not isinstance(f, torch.Tensor) or f.dim() != 4:
-            raise ValueError(f"layer {layer!r} output is not N×C×h×w (got {getattr(f, 'shape', type(f))})")
-        h, w = f.shape[-2:]
-        centre = f[:, :, h // 2, w // 2]
-        s = centre.clamp_min(0).sum() if seed == "centre" else centre[:, 0].sum()
+        s, (h, w) = centre_seed(f, layer, seed=seed)
         if not s.requires_grad:
             raise RuntimeError(f"the output of {layer!r} does not depend on the input")
         (g,) = torch.autograd.grad(s, xi, allow_unused=True)
-    if g is None:
-        g = torch.zeros_like(xi)
+    return contribution(g if g is not None else torch.zeros_like(xi), grad_rule), (h, w)
+
+
+def _check_rules(grad_rule: str, seed: str) -> None:
+    if grad_rule not in GRAD_RULES:
+        raise ValueError(f"unknown grad_rule {grad_rule!r}; choose one of {', '.join(GRAD_RULES)}")
+    if seed not in SEEDS:
+        raise ValueError(f"unknown seed {seed!r}; choose 'centre' or 'unit'")
+
+
+def centre_seed(f: Any, layer: str, *, seed: str = "centre") -> tuple[torch.Tensor, tuple[int, int]]:
+    """The scalar whose input gradient is the ERF: Σ_n Σ_c ReLU(F[n, c, h//2, w//2]) (``"centre"``)
+    or Σ_n F[n, 0, h//2, w//2] (``"unit"``, Luo).
+
+    Args:
+        f: the stage output F, N×C×h×w (live, part of the autograd graph).
+        layer: its module path (for the error message).
+        seed: ``"centre"`` or ``"unit"``.
+
+    Returns:
+        (0-d tensor, (h, w)).
+
+    Raises:
+        ValueError: F is not a 4-D tensor, or an unknown seed.
+    """
+    if seed not in SEEDS:
+        raise ValueError(f"unknown seed {seed!r}; choose 'centre' or 'unit'")
+    if not isinstance(f, torch.Tensor) or f.dim() != 4:
+        raise ValueError(f"layer {layer!r} output is not N×C×h×w (got {getattr(f, 'shape', type(f))})")
+    h, w = f.shape[-2:]
+    centre = f[:, :, h // 2, w // 2]
+    s = centre.clamp_min(0).sum() if seed == "centre" else centre[:, 0].sum()
+    return s, (int(h), int(w))
+
+
+def contribution(g: torch.Tensor, grad_rule: str = "relu") -> torch.Tensor:
+    """Contribution maps m (N×H×W float64, CPU) from input gradients g (N×3×H×W):
+    Σ_rgb ReLU(g) (``"relu"``) or Σ_rgb |g| (``"abs"``)."""
+    if grad_rule not in GRAD_RULES:
+        raise ValueError(f"unknown grad_rule {grad_rule!r}; choose one of {', '.join(GRAD_RULES)}")
     g = g.detach().double()
     m = (g.clamp_min(0) if grad_rule == "relu" else g.abs()).sum(1)
-    return m.cpu(), (int(h), int(w))
+    return m.cpu()
 
 
 def effective_receptive_field(
@@ -246,18 +278,51 @@ def effective_receptive_field(
     """
     if images.dim() != 4 or images.shape[0] == 0:
         raise ValueError(f"need N×3×H×W images with N ≥ 1, got {tuple(images.shape)}")
-    total = None
-    n = skipped = 0
+    maps: list[torch.Tensor] = []
     fhw = (0, 0)
     for i in range(0, images.shape[0], batch_size):
         m, fhw = contribution_maps(model, layer, images[i:i + batch_size], grad_rule=grad_rule)
-        for mi in m:
-            if torch.isnan(mi).any():
-                skipped += 1
-                continue
-            n += 1
-            total = mi.clone() if total is None else total + (mi - total) / n  # running mean
+        maps.append(m)
     hw = (int(images.shape[-2]), int(images.shape[-1]))
+    return erf_from_maps(torch.cat(maps), layer, hw, fhw, grad_rule=grad_rule, thresholds=thresholds)
+
+
+def erf_from_maps(
+    maps: torch.Tensor,
+    layer: str,
+    input_hw: tuple[int, int],
+    feature_hw: tuple[int, int],
+    *,
+    grad_rule: str = "relu",
+    thresholds: Sequence[float] = THRESHOLDS,
+) -> ErfResult:
+    """Aggregate per-image contribution maps (steps 3–6) into an :class:`ErfResult`.
+
+    Shared by :func:`effective_receptive_field` (its own truncated pass) and
+    ``viz.analysis.analyze`` (maps from the input gradient taken on the recorded graph,
+    :class:`viz.recorder.Recorder` ``finish(erf_layer=..., erf_input=...)``), so both give the
+    same numbers for the same gradients.
+
+    Args:
+        maps: N×H×W float64 contribution maps (:func:`contribution`), ≥ 0.
+        layer: the stage the seed was taken at.
+        input_hw, feature_hw: (H, W) of the input and (h, w) of the stage output.
+        grad_rule: the rule the maps were made with (recorded in the result).
+        thresholds: area-ratio thresholds.
+
+    Returns:
+        ErfResult: running mean over the images without NaN, area ratios, radial profile.
+    """
+    total = None
+    n = skipped = 0
+    for mi in maps:
+        if torch.isnan(mi).any():
+            skipped += 1
+            continue
+        n += 1
+        total = mi.clone() if total is None else total + (mi - total) / n  # running mean
+    hw = (int(input_hw[0]), int(input_hw[1]))
+    fhw = (int(feature_hw[0]), int(feature_hw[1]))
     mean_map = total.numpy() if total is not None else np.zeros(hw)
     notes = []
     if max(hw) < 512:

@@ -81,6 +81,12 @@ class Record:
         taps: ``{(tap, call): TapRecord}``.
         layers: the requested layer names, in order.
         notes: plain-language caveats (clones, missing gradients).
+        erf_layer: the recorded layer whose centre unit seeded ``input_grad`` (None: not asked).
+        input_grad: N×3×H×W ∂(Σ_n Σ_c ReLU(F[n, c, h//2, w//2]))/∂x with F = ``erf_layer``'s
+            output (``"centre"`` seed; ``"unit"``: Σ_n F[n, 0, h//2, w//2]), taken on the recorded
+            graph; None when not asked or not possible (see ``erf_error``).
+        erf_feature_hw: (h, w) of F.
+        erf_error: why ``input_grad`` is missing although it was asked for, else None.
     """
 
     logits: torch.Tensor
@@ -91,6 +97,10 @@ class Record:
     taps: dict[Key, TapRecord]
     layers: tuple[str, ...]
     notes: tuple[str, ...] = field(default_factory=tuple)
+    erf_layer: str | None = None
+    input_grad: torch.Tensor | None = None
+    erf_feature_hw: tuple[int, int] | None = None
+    erf_error: str | None = None
 
     def activation(self, layer: str, call: int = 0) -> torch.Tensor:
         """The activation of ``layer`` at call ``call`` (KeyError names the choices)."""
@@ -263,13 +273,30 @@ class Recorder:
         target: int | Sequence[int] | None = None,
         *,
         gradients: bool = True,
+        erf_layer: str | None = None,
+        erf_input: torch.Tensor | None = None,
+        erf_seed: str = "centre",
     ) -> Record:
         """Take the gradients (one ``torch.autograd.grad``), detach, move to CPU, drop the graph.
+
+        With ``erf_layer``, the effective-receptive-field input gradient is taken first on the
+        same graph (``torch.autograd.grad(Σ_c ReLU(F[:, :, h//2, w//2]), erf_input,
+        retain_graph=True)``, F = the live output of ``erf_layer``): exactly what
+        ``viz.erf.contribution_maps`` computes with its own truncated forward, so the maps are
+        bit-identical (for batches of up to its ``batch_size`` images) without a second forward.
+        That is two ``autograd.grad`` calls on one graph: one from the ERF seed to the input, one
+        from the class score to every recorded layer (they cannot share one call: a joint call
+        would return the sum of both gradients).
 
         Args:
             target: class index for every image, one index per image, or None (each image's
                 top-1 class).
-            gradients: False skips the backward (activations and taps only).
+            gradients: False skips the Grad-CAM backward (activations and taps only).
+            erf_layer: a recorded layer (N×C×h×w output) whose centre unit seeds the ERF
+                gradient; None: no ERF gradient.
+            erf_input: the N×3×H×W input the forward ran on, with ``requires_grad=True``
+                (required with ``erf_layer``).
+            erf_seed: ``"centre"`` (RepLKNet, Σ_c ReLU) or ``"unit"`` (Luo, channel 0).
 
         Returns:
             Record: CPU tensors; gradients of Σ_n logit[n, target_n] (pre-softmax).
@@ -277,18 +304,59 @@ class Recorder:
         Raises:
             RuntimeError: no forward was recorded, or a recorded activation was modified in place
                 after its hook (and ``clone=False``).
-            ValueError: a target out of range or of the wrong length.
+            ValueError: a target out of range or of the wrong length; ``erf_input`` missing or
+                not requiring grad; unknown ``erf_seed``.
+            KeyError: ``erf_layer`` is not a recorded layer.
         """
         if self._stack is not None:
             raise RuntimeError("call finish() after the with-block")
         if self._logits is None:
             raise RuntimeError("no forward pass was recorded; run the model inside the with-block")
         try:
-            return self._finish(target, gradients)
+            if erf_layer is not None:
+                if erf_input is None or not erf_input.requires_grad:
+                    raise ValueError("erf_layer needs erf_input: the input tensor the forward ran on, "
+                                     "with requires_grad=True")
+                from viz.erf import SEEDS
+
+                if erf_seed not in SEEDS:
+                    raise ValueError(f"unknown erf_seed {erf_seed!r}; choose one of {', '.join(SEEDS)}")
+                if (erf_layer, 0) not in self._acts:
+                    raise KeyError(f"ERF layer {erf_layer!r} was not recorded; recorded layers: "
+                                   f"{', '.join(self.layers)}")
+            return self._finish(target, gradients, (erf_layer, erf_input, erf_seed))
         finally:
             self._reset()
 
-    def _finish(self, target: int | Sequence[int] | None, gradients: bool) -> Record:
+    def _input_grad(
+        self, erf: tuple[str | None, torch.Tensor | None, str], modified: list[Key], retain: bool,
+    ) -> tuple[torch.Tensor | None, tuple[int, int] | None, str | None]:
+        """The ERF input gradient on the recorded graph: (N×3×H×W CPU tensor, (h, w), error)."""
+        from viz.erf import centre_seed
+
+        layer, xi, seed = erf
+        if layer is None or xi is None:
+            return None, None, None
+        key = (layer, 0)
+        if key in modified:
+            return None, None, (f"{layer} is modified in place later in the forward: its live value is "
+                                "not the recorded one; record another ERF layer")
+        try:
+            s, hw = centre_seed(self._acts[key], layer, seed=seed)
+        except ValueError as e:
+            return None, None, str(e)
+        if not s.requires_grad:
+            return None, hw, f"the output of {layer!r} does not depend on the input"
+        (g,) = torch.autograd.grad(s, xi, retain_graph=retain, allow_unused=True)
+        g = torch.zeros_like(xi) if g is None else g
+        return g.detach().cpu(), hw, None
+
+    def _finish(
+        self,
+        target: int | Sequence[int] | None,
+        gradients: bool,
+        erf: tuple[str | None, torch.Tensor | None, str] = (None, None, "centre"),
+    ) -> Record:
         logits = self._logits
         assert logits is not None
         n, k = logits.shape[0], logits.shape[-1]
@@ -314,8 +382,10 @@ class Recorder:
         for key in modified:
             notes.append(f"{key[0]}[{key[1]}] is modified in place later in the forward: value cloned, no gradient")
         grads: dict[Key, torch.Tensor | None] = {key: None for key in self._acts}
+        keys = [key for key, t in self._acts.items() if key not in modified and t.requires_grad] if gradients else []
+        # ERF first, keeping the graph for the Grad-CAM call that follows
+        input_grad, erf_hw, erf_error = self._input_grad(erf, modified, retain=bool(keys))
         if gradients:
-            keys = [key for key, t in self._acts.items() if key not in modified and t.requires_grad]
             if keys:
                 idx = torch.tensor(targets, device=logits.device).reshape(-1, 1)
                 score = logits.reshape(n, k).gather(1, idx).sum()
@@ -346,4 +416,8 @@ class Recorder:
             taps=taps,
             layers=self.layers,
             notes=tuple(notes),
+            erf_layer=erf[0],
+            input_grad=input_grad,
+            erf_feature_hw=erf_hw,
+            erf_error=erf_error,
         )
