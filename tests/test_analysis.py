@@ -170,3 +170,32 @@ def test_erf_from_the_recorded_graph_one_forward_per_model(bb, entries, monkeypa
         assert torch.equal(m.record.logits, p.record.logits)
         for layer in ("layer1", "layer2", "layer3", "layer4"):
             assert torch.equal(m.cams[layer].raw, p.cams[layer].raw)
+
+
+def test_image_independent_work_is_cached_per_model(bb, monkeypatch):
+    """theoretical_rf runs once per model and input size; the ACB fusion check once per model and
+    image (a new image is checked afresh), with identical numbers on a repeat."""
+    import viz.rf
+    import viz.taps
+
+    rf_calls, fuse_calls = [], []
+    real_rf, real_fuse = viz.rf.theoretical_rf, viz.taps.acb_fuse_difference
+
+    def rf(model, *a, **k):
+        rf_calls.append(model)
+        return real_rf(model, *a, **k)
+
+    def fuse(logits, fused, x):
+        fuse_calls.append(fused)
+        return real_fuse(logits, fused, x)
+
+    monkeypatch.setattr(viz.rf, "theoretical_rf", rf)
+    monkeypatch.setattr("viz.analysis.acb_fuse_difference", fuse)
+    e = prepare_model(bb, "acb")
+    runs = [analyze([_image(s)], bb, [e], redundancy=False, profile=False) for s in (7, 7, 8)]
+    assert len(rf_calls) == 1 and len(fuse_calls) == 2
+    first, again, other = (r.models[0] for r in runs)
+    assert first.extra["fuse_max_abs_diff"] == again.extra["fuse_max_abs_diff"] < 1e-3
+    assert first.theoretical_rf == again.theoretical_rf == other.theoretical_rf
+    first.theoretical_rf["r"] = -1  # a copy: the cache is not affected
+    assert analyze([_image(7)], bb, [e], redundancy=False, profile=False).models[0].theoretical_rf["r"] > 0
