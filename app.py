@@ -35,11 +35,13 @@ import collections
 import contextlib
 import dataclasses
 import html
+import json
 import os
 import shutil
 import tempfile
 import threading
 import time
+import weakref
 from collections.abc import Callable, Hashable, Sequence
 from pathlib import Path
 from typing import Any
@@ -91,9 +93,14 @@ class AppConfig:
         max_file_size: upload limit passed to ``launch``.
         max_models: prepared models kept in the LRU.
         max_pixels: images with more pixels are refused (checked from the header).
-        erf, redundancy, profile: which parts ``/analyze`` computes (the Profile tab can also be
-            refreshed alone through ``/profile``).
+        erf, redundancy, profile: which parts ``/analyze`` computes; ``profile`` means params and
+            FLOPs (one counted pass per model, cached), the Profile tab refreshes alone through
+            ``/profile``.
+        latency_on_analyze: also time each model inside ``/analyze`` (off by default: latency is
+            measured on demand by the Profile tab / ``/profile`` and cached per model, so the first
+            click does not pay ``profile_warmup + profile_repeats`` timed passes per model).
         profile_repeats, profile_warmup: timed and warm-up passes of the latency measurement.
+        max_reports: analyses kept (without their activations) for "Prepare downloads".
         calibration_options: options for ``plugconv.calibrate`` as ``(name, value)`` pairs (e.g.
             ``(("steps", 2), ("crop", 64))`` in tests); empty = the library's defaults.
         calibration_dir: calibrated-weights cache (None = the library's default,
@@ -116,10 +123,12 @@ class AppConfig:
     erf: bool = True
     redundancy: bool = True
     profile: bool = True
+    latency_on_analyze: bool = False
     profile_repeats: int = 10
     profile_warmup: int = 3
     calibration_options: tuple[tuple[str, Any], ...] = ()
     calibration_dir: Path | None = None
+    max_reports: int = 8
 
     def example_paths(self) -> list[Path]:
         """The example photos (sorted), only real image files."""
@@ -203,6 +212,9 @@ class LRUCache:
 
 BACKBONES = LRUCache(maxsize=3)
 MODELS = LRUCache(maxsize=12)
+#: report id -> (analysis without activations, colour mode, output folder): what "Prepare
+#: downloads" writes the full report from (figures, report.html, zip) without re-running anything
+REPORTS = LRUCache(maxsize=8)
 _TEMP_DIRS: collections.deque[Path] = collections.deque()
 _MAX_TEMP_DIRS = 32
 
@@ -545,35 +557,63 @@ def analyze_core(cfg: AppConfig, image_src: Any, backbone: str, weights: str, va
             _check_choice("layer", layer, layer_choices(bb.name))
             layers, erf_layer = [layer], layer
         analysis = analyze([image], bb, entries, layers=layers, erf=cfg.erf, redundancy=cfg.redundancy,
-                           profile=False, erf_layer=erf_layer, progress=prog.sub(0.2, 0.75 if cfg.profile else 0.9))
+                           profile=False, erf_layer=erf_layer, progress=prog.sub(0.2, 0.85 if cfg.profile else 0.9))
         profiles: dict[str, dict[str, Any]] = {}
         if cfg.profile:
             # cost is image-independent: one viz.cost profile per model, cached, feeds both the
-            # Overview numbers (ModelResult.cost) and the Profile charts
-            sub = prog.sub(0.75, 0.9)
+            # Overview numbers (ModelResult.cost) and the Profile charts. Latency is timed only on
+            # demand (Profile tab) unless configured; a latency measured earlier is reused.
+            sub = prog.sub(0.85, 0.9)
             for i, (entry, res) in enumerate(zip(entries, analysis.models)):
-                sub(i / len(entries), f"{entry.label}: cost profile")
-                profiles[entry.label] = model_profile(entry, bb, repeats=cfg.profile_repeats, warmup=cfg.profile_warmup)
+                sub(i / len(entries), f"{entry.label}: params and FLOPs")
+                profiles[entry.label] = model_profile(entry, bb, repeats=cfg.profile_repeats, warmup=cfg.profile_warmup,
+                                                      latency=cfg.latency_on_analyze)
                 res.cost = profiles[entry.label]
         return analysis, profiles
 
 
-def model_profile(entry, backbone, *, repeats: int = 10, warmup: int = 3) -> dict[str, Any]:
-    """``viz.cost.profile_model`` of a prepared model at the backbone's input size and device
-    (params, FLOPs, whole-model and per-layer latency, per-unit rows), through
-    ``viz.analysis.cached_profile``: cached for as long as the model lives, shared with ``analyze``
-    (cost does not depend on the image)."""
+#: models whose latency has been measured: model -> {(device, input size)} (weak: dies with the model)
+_TIMED: weakref.WeakKeyDictionary[torch.nn.Module, set[tuple[str, int]]] = weakref.WeakKeyDictionary()
+
+
+def latency_measured(entry, backbone) -> bool:
+    """True when ``entry``'s latency at the backbone's device and input size is already cached."""
+    return (str(backbone.device), int(backbone.input_size)) in _TIMED.get(entry.model, set())
+
+
+def model_profile(entry, backbone, *, repeats: int = 10, warmup: int = 3, latency: bool = True) -> dict[str, Any]:
+    """``viz.cost.profile_model`` of a prepared model at the backbone's input size and device,
+    through ``viz.analysis.cached_profile``: cached for as long as the model lives, shared with
+    ``analyze`` (cost does not depend on the image).
+
+    Args:
+        entry: the prepared model.
+        backbone: its backbone (device, input size).
+        repeats, warmup: timed and warm-up passes when latency is measured.
+        latency: measure latency (whole model and per layer) when not cached yet. With False the
+            result has params and FLOPs only (one counted pass, ``"latency": None``) — unless a
+            latency was measured before, which is then returned (it is cached and still valid).
+    """
     from viz.analysis import cached_profile
 
+    key = (str(backbone.device), int(backbone.input_size))
     with entry.lock:
-        return cached_profile(entry.model, int(backbone.input_size), device=backbone.device, repeats=repeats,
-                              warmup=warmup)
+        if latency or latency_measured(entry, backbone):
+            out = cached_profile(entry.model, key[1], device=backbone.device, repeats=repeats, warmup=warmup)
+            _TIMED.setdefault(entry.model, set()).add(key)
+            return out
+        return cached_profile(entry.model, key[1], device=backbone.device, latency=False)
 
 
 @gpu(duration=60)
 def profile_core(cfg: AppConfig, backbone: str, weights: str, variants: Sequence[str] | str, preset: str,
-                 device: str, use_calibrated: bool = True, progress: Any = None) -> dict[str, dict[str, Any]]:
+                 device: str, use_calibrated: bool = True, progress: Any = None,
+                 latency: bool = True) -> dict[str, dict[str, Any]]:
     """Cost profile (params, FLOPs, latency per layer and whole model) of each selected model.
+
+    Args:
+        latency: time the models whose latency is not cached yet; False gives params and FLOPs
+            (plus any latency already measured).
 
     Returns:
         model label -> ``viz.cost.profile_model`` dict (what ``viz.charts`` draws).
@@ -585,8 +625,9 @@ def profile_core(cfg: AppConfig, backbone: str, weights: str, variants: Sequence
                                   progress=prog.sub(0.0, 0.2))
         out = {}
         for i, e in enumerate(entries):
-            prog(0.2 + 0.8 * i / len(entries), f"{e.label}: cost profile")
-            out[e.label] = model_profile(e, bb, repeats=cfg.profile_repeats, warmup=cfg.profile_warmup)
+            prog(0.2 + 0.8 * i / len(entries), f"{e.label}: {'latency' if latency else 'params and FLOPs'}")
+            out[e.label] = model_profile(e, bb, repeats=cfg.profile_repeats, warmup=cfg.profile_warmup,
+                                         latency=latency)
         return out
 
 
@@ -769,52 +810,127 @@ def redundancy_charts(analysis, layer: str | None) -> tuple[Any, Any, Any]:
     return red, sim, cka
 
 
-def write_outputs(analysis, mode: str, out_dir: Path) -> dict[str, Any]:
-    """Write the report (``viz.report.write_report``: report.json, report.html, per-panel PNGs and
-    the composite figures) into the per-request ``out_dir`` and pick what the page shows.
-
-    Returns:
-        ``{"gradcam", "taps", "erf"}``: composite figure PNG paths (None when absent),
-        ``"gradcam_legend"``: markdown, ``"downloads"``: report.json, report.html, the figures and
-        a zip of everything.
-    """
-    from viz.report import write_report
-
-    report_json = write_report(analysis, out_dir, mode=mode)
-    files = analysis.files
-
-    def fig(name: str) -> str | None:
-        rel = files.get(f"figure/{name}")
-        return str(out_dir / rel) if rel and (out_dir / rel).is_file() else None
-
+def gradcam_legend(analysis, mode: str) -> str:
+    """The markdown under the Grad-CAM grid: what is drawn, for which class, in which colour mode."""
     cls = analysis.targets[0] if analysis.targets else None
-    legend = (
+    return (
         "Raw signed Grad-CAM M = Σ_k α_k A_k over the crop the model sees (diverging colours centred on 0: "
         "red = evidence for the class, blue = against) for class "
         f"**{html.escape(analysis.label_of(cls)) if cls is not None else '?'}** ({html.escape(analysis.target_rule)}); "
-        f"score = pre-softmax logit. Colour scale: **{html.escape(mode)}**; every panel states its numeric range."
+        f"score = pre-softmax logit. Columns: models, rows: stages. Colour scale: **{html.escape(mode)}**; every "
+        "panel states its numeric range."
     )
-    # tap_maps draws spatial maps and channel weights; branch-only taps (ACB) are in the table instead
-    drawable = any(t.spatial is not None or (t.kind == "channel_weights" and t.channels is not None)
-                   for m in analysis.models for t in m.taps)
-    out = {"gradcam": fig("gradcam"), "taps": fig("taps") if drawable else None, "erf": fig("erf"),
-           "gradcam_legend": legend}
-    downloads = [str(report_json)]
-    if (out_dir / "report.html").is_file():
-        downloads.append(str(out_dir / "report.html"))
-    downloads += [p for p in (out["gradcam"], out["taps"], out["erf"]) if p]
-    archive = shutil.make_archive(str(out_dir.parent / f"{out_dir.name}-report"), "zip", root_dir=out_dir)
-    final = out_dir / "plugconv-report.zip"
-    shutil.move(archive, final)
-    downloads.append(str(final))
-    out["downloads"] = downloads
+
+
+def write_outputs(analysis, mode: str, out_dir: Path) -> dict[str, Any]:
+    """Draw the composite figures the page shows (each once) and write report.json into ``out_dir``.
+
+    Only what the page shows is rendered: the Grad-CAM grid, the module maps and the ERF figure
+    (``figures/<name>.png``), and report.json (numbers, no per-panel PNGs). The rest of the
+    downloadable report (per-panel PNGs, report.html, a zip) is written by :func:`prepare_downloads`
+    when the user asks for it, reusing these figures.
+
+    Returns:
+        ``{"gradcam", "taps", "erf"}``: composite figure PNG paths (None when absent),
+        ``"gradcam_legend"``: markdown, ``"downloads"``: ``[report.json]``.
+    """
+    from viz import figures as vf
+
+    figs: dict[str, Callable[[], Any]] = {}
+    if analysis.models and analysis.layers and any(m.cams for m in analysis.models):
+        figs["gradcam"] = lambda: vf.gradcam_grid(analysis, 0, mode=mode)
+    if any(m.taps for m in analysis.models):
+        figs["taps"] = lambda: vf.tap_maps(analysis, 0)
+    erfs = {m.label: m.erf for m in analysis.models if m.erf is not None}
+    if erfs:
+        from viz.report import _prov_text
+
+        figs["erf"] = lambda: vf.erf_figure(erfs, theoretical={m.label: m.theoretical_rf for m in analysis.models},
+                                            provenance={m.label: _prov_text(m.swap) for m in analysis.models})
+    out: dict[str, Any] = {"gradcam": None, "taps": None, "erf": None}
+    for name, build in figs.items():
+        rel = f"figures/{name}.png"
+        path = out_dir / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(vf.figure_png(build()))
+        analysis.files[f"figure/{name}"] = rel
+        out[name] = str(path)
+    report_json = out_dir / "report.json"
+    report_json.write_text(json.dumps(analysis.to_dict(), indent=1, allow_nan=False, default=str), encoding="utf-8")
+    out["gradcam_legend"] = gradcam_legend(analysis, mode)
+    out["downloads"] = [str(report_json)]
     return out
+
+
+class _NotesOnly:
+    """Stands in for a ``viz.recorder.Record`` in a kept analysis: ``Analysis.to_dict`` reads only
+    ``record.notes``; the activations and gradients are dropped (they are large)."""
+
+    def __init__(self, notes: Sequence[str]) -> None:
+        self.notes = list(notes)
+
+
+def _light_copy(analysis):
+    """A copy of ``analysis`` for "Prepare downloads": no activations, no similarity matrices."""
+    models = []
+    for m in analysis.models:
+        red = {k: ({kk: vv for kk, vv in v.items() if kk != "similarity"} if isinstance(v, dict) else v)
+               for k, v in m.redundancy.items()}
+        models.append(dataclasses.replace(m, record=_NotesOnly(getattr(m.record, "notes", ())), redundancy=red))
+    return dataclasses.replace(analysis, models=models, files=dict(analysis.files))
+
+
+def keep_for_downloads(analysis, mode: str, out_dir: Path) -> str:
+    """Keep a light copy of ``analysis`` under a new report id (what "Prepare downloads" takes)."""
+    rid = out_dir.name
+    REPORTS.put(rid, (_light_copy(analysis), mode, out_dir))
+    return rid
+
+
+def prepare_downloads(report_id: str | None) -> list[str]:
+    """The ``/prepare_downloads`` endpoint: write the full report of an earlier analysis.
+
+    Writes (``viz.report.write_report``, reusing the figures already drawn) report.json, the
+    per-panel PNGs and report.html into the analysis' folder, plus a zip of everything.
+
+    Args:
+        report_id: the id ``/analyze`` returned (its last output).
+
+    Returns:
+        Paths: report.json, report.html, the composite figures, the zip.
+
+    Raises:
+        gr.Error: no analysis yet, or one too old to be kept.
+    """
+    if not report_id:
+        raise gr.Error("Run Analyze first: downloads are prepared from the last analysis.", title="Nothing to download")
+    kept = REPORTS.peek(report_id)
+    if kept is None or not kept[2].is_dir():
+        raise gr.Error("That analysis is no longer kept on the server: run Analyze again, then prepare the downloads.",
+                       title="Analysis expired")
+    analysis, mode, out_dir = kept
+    from viz.report import write_report
+
+    report_json = write_report(analysis, out_dir, mode=mode, reuse_figures=True)
+    files = [str(report_json)]
+    if (out_dir / "report.html").is_file():
+        files.append(str(out_dir / "report.html"))
+    for name in ("gradcam", "taps", "erf"):
+        rel = analysis.files.get(f"figure/{name}")
+        if rel and (out_dir / rel).is_file():
+            files.append(str(out_dir / rel))
+    final = out_dir / "plugconv-report.zip"
+    final.unlink(missing_ok=True)
+    archive = shutil.make_archive(str(out_dir.parent / f"{out_dir.name}-report"), "zip", root_dir=out_dir)
+    shutil.move(archive, final)
+    files.append(str(final))
+    return files
 
 
 def render_panels(analysis, profiles: dict[str, dict[str, Any]], mode: str, out_dir: Path,
                   layer: str | None = None) -> dict[str, Any]:
     """Every panel of the page from one analysis (keys: ``ANALYZE_OUTPUTS`` without ``status``,
-    plus ``report``, the ``Analysis.to_dict()``)."""
+    plus ``report``, the ``Analysis.to_dict()``); each figure is drawn once."""
     from viz import ui
 
     images = write_outputs(analysis, mode, out_dir)
@@ -841,6 +957,7 @@ def render_panels(analysis, profiles: dict[str, dict[str, Any]], mode: str, out_
         "profile_flops": flops,
         "profile_table": profile_frame(profiles),
         "downloads": images["downloads"],
+        "report_id": keep_for_downloads(analysis, mode, out_dir),
     }
 
 
@@ -850,8 +967,12 @@ def status_line(report: dict[str, Any], seconds: float) -> str:
     labels = t.get("labels") or []
     target = f"Grad-CAM explains **{html.escape(labels[0])}** ({t.get('rule', '')})" if labels else ""
     n = len(report.get("models", []))
+    untimed = [str(m.get("label")) for m in report.get("models", []) if m.get("latency_ms") is None]
+    lat = ""
+    if untimed and any(m.get("params") is not None for m in report.get("models", [])):
+        lat = " Latency: not measured yet — open the **Profile** tab."
     return (f"Analysed {n} model{'s' if n != 1 else ''} on {report.get('backbone')} "
-            f"({report.get('device')}, {report.get('input_size')} px) in {seconds:.1f} s. {target}")
+            f"({report.get('device')}, {report.get('input_size')} px) in {seconds:.1f} s. {target}{lat}")
 
 
 
@@ -859,6 +980,10 @@ def analyze_panels(cfg: AppConfig, image_src: Any, backbone: str, weights: str, 
                    preset: str, layer: str, scale: str, device: str, use_calibrated: bool = True,
                    progress: Any = None) -> tuple:
     """The ``/analyze`` endpoint: one analysis, every panel (in ``ANALYZE_OUTPUTS`` order).
+
+    Renders only what the page shows (each figure once) plus report.json; latency is left to the
+    Profile tab unless ``cfg.latency_on_analyze``; the last output, ``report_id``, is what
+    :func:`prepare_downloads` takes to write the full downloadable report.
 
     Raises:
         gr.Error: for everything the user can cause (bad image, unknown choice, offline weights,
@@ -884,11 +1009,24 @@ def analyze_panels(cfg: AppConfig, image_src: Any, backbone: str, weights: str, 
 
 
 def profile_panels(cfg: AppConfig, backbone: str, weights: str, variants: Sequence[str] | str, preset: str,
-                   device: str, use_calibrated: bool = True, progress: Any = None) -> tuple:
-    """The ``/profile`` endpoint: status, then per-layer latency, params and FLOPs (``PROFILE_OUTPUTS``)."""
+                   device: str, use_calibrated: bool = True, progress: Any = None, measure_latency: bool = True) -> tuple:
+    """The ``/profile`` endpoint: status, then per-layer latency, params and FLOPs (``PROFILE_OUTPUTS``).
+
+    Args:
+        measure_latency: time the models (``cfg.profile_warmup`` + ``cfg.profile_repeats`` passes,
+            cached per model); False shows params and FLOPs and any latency already measured.
+    """
     t0 = time.perf_counter()
-    profiles = profile_core(cfg, backbone, weights, variants, preset, device, use_calibrated, progress)
+    profiles = profile_core(cfg, backbone, weights, variants, preset, device, use_calibrated, progress,
+                            latency=measure_latency)
+    untimed = [k for k, p in profiles.items() if not p.get("latency")]
     status = f"Profiled {len(profiles)} model(s) in {time.perf_counter() - t0:.1f} s."
+    if untimed:
+        status += (f" Latency not measured yet for {', '.join(untimed)}: press **Measure latency** "
+                   "(or open this tab again).")
+    else:
+        status += (f" Latency: median of {cfg.profile_repeats} timed passes after {cfg.profile_warmup} warm-up, "
+                   "cached per model and device.")
     return (status, *profile_charts(profiles), profile_frame(profiles))
 
 
@@ -924,7 +1062,7 @@ Each column is one network: predictions, Grad-CAM, the modules' internal maps, r
 PROFILE_OUTPUTS = ("profile_summary", "profile_latency", "profile_params", "profile_flops", "profile_table")
 ANALYZE_OUTPUTS = (
     "status", "banners", "overview", "summary", "gradcam", "gradcam_legend", "taps", "taps_table",
-    "redundancy", "similarity", "cka", "erf", "erf_table", *PROFILE_OUTPUTS, "downloads",
+    "redundancy", "similarity", "cka", "erf", "erf_table", *PROFILE_OUTPUTS, "downloads", "report_id",
 )
 
 
@@ -938,11 +1076,14 @@ def build_demo(config: AppConfig | None = None) -> gr.Blocks:
             ``enable_monitoring=False`` and the footer without the API link).
 
     Returns:
-        gr.Blocks with the named endpoints ``/analyze``, ``/profile`` and ``/calibrate``.
+        gr.Blocks with the named endpoints ``/analyze``, ``/profile``, ``/calibrate`` and
+        ``/prepare_downloads``.
     """
     cfg = config or AppConfig()
     if MODELS.maxsize != cfg.max_models:
         MODELS.maxsize = max(1, int(cfg.max_models))
+    if REPORTS.maxsize != cfg.max_reports:
+        REPORTS.maxsize = max(1, int(cfg.max_reports))
     backbones = backbone_choices(cfg)
     start_backbone, offline_note = initial_backbone(cfg)
     variants = variant_choices()
@@ -988,13 +1129,13 @@ def build_demo(config: AppConfig | None = None) -> gr.Blocks:
                 overview = gr.HTML("", elem_id="overview")
                 summary = gr.Dataframe(label="Summary", interactive=False, max_height=320, elem_id="summary")
             with gr.Tab("Grad-CAM", id="gradcam"):
-                gr.Markdown("**Grad-CAM per layer** — rows: models, columns: stages")
+                gr.Markdown("**Grad-CAM per layer** — columns: models, rows: stages")
                 gradcam = gr.Image(label="Grad-CAM per layer", show_label=False, format="png",
                                    interactive=False, buttons=["download", "fullscreen"], elem_id="gradcam")
                 gradcam_legend = gr.Markdown("", elem_id="gradcam-legend")
             with gr.Tab("Redundancy", id="redundancy"):
                 gr.Markdown("**Module maps** — SCConv SRU gates/masks, SAConv switch (true range), self-calibration "
-                            "maps, SPConv fusion weights; ACB branch shares are in the table")
+                            "maps, SPConv fusion weights, branch energy shares (ACB, SAConv, SPConv)")
                 taps = gr.Image(label="Module maps", show_label=False, format="png", interactive=False,
                                 buttons=["download", "fullscreen"], elem_id="taps")
                 taps_table = gr.Dataframe(label="Module maps: numbers", interactive=False, max_height=320,
@@ -1010,7 +1151,9 @@ def build_demo(config: AppConfig | None = None) -> gr.Blocks:
                                buttons=["download", "fullscreen"], elem_id="erf")
                 erf_table = gr.Dataframe(label="ERF area ratios and theoretical RF", interactive=False,
                                          elem_id="erf-table")
-            with gr.Tab("Profile", id="profile"):
+            with gr.Tab("Profile", id="profile") as profile_tab:
+                gr.Markdown("Params and FLOPs come with every analysis; latency is timed here, on demand "
+                            "(opening this tab or **Measure latency**), and cached per model and device.")
                 profile_summary = gr.Plot(label="Whole model: params, MACs, latency", elem_id="profile-summary")
                 profile_latency = gr.Plot(label="Per-layer latency", elem_id="profile-latency")
                 with gr.Row():
@@ -1018,22 +1161,26 @@ def build_demo(config: AppConfig | None = None) -> gr.Blocks:
                     profile_flops = gr.Plot(label="Per-layer FLOPs", elem_id="profile-flops")
                 profile_table = gr.Dataframe(label="Per-layer cost (sortable)", interactive=False, max_height=420,
                                              elem_id="profile-table")
-                profile_btn = gr.Button("Re-profile", elem_id="profile-btn")
+                profile_btn = gr.Button("Measure latency", elem_id="profile-btn")
             with gr.Tab("Calibration", id="calibration"):
                 cal_out = gr.Markdown("Calibrate distils the non-exact variants (scconv, selfcal, spconv) from the "
                                       "original convs on the example photos, once per configuration (cached on disk).",
                                       elem_id="calibration")
                 cal_json = gr.JSON(label="Calibration report", elem_id="calibration-json")
             with gr.Tab("Downloads", id="downloads"):
+                gr.Markdown("Every analysis gives report.json at once; **Prepare downloads** writes the rest "
+                            "(per-panel PNGs, a self-contained report.html, a zip) from the same analysis.")
                 downloads = gr.File(label="report.json, report.html and figures", file_count="multiple",
                                     interactive=False, elem_id="downloads")
+                downloads_btn = gr.Button("Prepare downloads", elem_id="downloads-btn")
+                report_id = gr.Textbox(visible=False, elem_id="report-id")
 
         outputs = {
             "status": status, "banners": banners, "overview": overview, "summary": summary, "gradcam": gradcam,
             "gradcam_legend": gradcam_legend, "taps": taps, "taps_table": taps_table, "redundancy": redundancy,
             "similarity": similarity, "cka": cka, "erf": erf, "erf_table": erf_table, "profile_summary": profile_summary,
             "profile_latency": profile_latency, "profile_params": profile_params, "profile_flops": profile_flops,
-            "profile_table": profile_table, "downloads": downloads,
+            "profile_table": profile_table, "downloads": downloads, "report_id": report_id,
         }
         controls = [backbone, weights, variants_box, preset, layer, scale, device, use_cal]
 
@@ -1045,6 +1192,15 @@ def build_demo(config: AppConfig | None = None) -> gr.Blocks:
         def on_profile(backbone_v, weights_v, variants_v, preset_v, device_v, use_cal_v, progress=gr.Progress()):  # noqa: B008 - Gradio injects it
             return profile_panels(cfg, backbone_v, weights_v, variants_v, preset_v, device_v, use_cal_v,
                                   progress=progress)
+
+        def on_choice_change(backbone_v, weights_v, variants_v, preset_v, device_v, use_cal_v,
+                             progress=gr.Progress()):  # noqa: B008 - Gradio injects it
+            # variant or device changed: params / FLOPs now, latency only where already measured
+            return profile_panels(cfg, backbone_v, weights_v, variants_v, preset_v, device_v, use_cal_v,
+                                  progress=progress, measure_latency=False)
+
+        def on_downloads(rid):
+            return prepare_downloads(rid)
 
         def on_calibrate(backbone_v, weights_v, variants_v, preset_v, device_v, progress=gr.Progress()):  # noqa: B008 - Gradio injects it
             return calibrate_panel(cfg, backbone_v, weights_v, variants_v, preset_v, device_v, progress=progress)
@@ -1061,18 +1217,27 @@ def build_demo(config: AppConfig | None = None) -> gr.Blocks:
             on_analyze, [image, *controls], [outputs[k] for k in ANALYZE_OUTPUTS],
             api_name="analyze", concurrency_id="model", concurrency_limit=cfg.concurrency_limit,
         )
+        prof_inputs = [backbone, weights, variants_box, preset, device, use_cal]
+        prof_outputs = [status, *(outputs[k] for k in PROFILE_OUTPUTS)]
         prof_event = gr.on(
-            [profile_btn.click, device.change, variants_box.change], on_profile,
-            [backbone, weights, variants_box, preset, device, use_cal], [status, *(outputs[k] for k in PROFILE_OUTPUTS)],
+            [profile_btn.click, profile_tab.select], on_profile, prof_inputs, prof_outputs,
             api_name="profile", concurrency_id="model", concurrency_limit=cfg.concurrency_limit,
             trigger_mode="always_last", show_progress="minimal",
         )
+        change_event = gr.on(
+            [device.change, variants_box.change], on_choice_change, prof_inputs, prof_outputs,
+            api_name="profile_cheap", api_visibility="private", concurrency_id="model",
+            concurrency_limit=cfg.concurrency_limit, trigger_mode="always_last", show_progress="minimal",
+        )
+        dl_event = downloads_btn.click(on_downloads, [report_id], [downloads], api_name="prepare_downloads",
+                                       concurrency_id="files", concurrency_limit=2)
         cal_event = cal_btn.click(
             on_calibrate, [backbone, weights, variants_box, preset, device], [cal_out, cal_json],
             api_name="calibrate", concurrency_id="model", concurrency_limit=cfg.concurrency_limit,
         )
         backbone.change(on_backbone, [backbone], [preset, layer], api_visibility="private", queue=False)
-        stop_btn.click(None, None, None, cancels=[run_event, prof_event, cal_event], api_visibility="private")
+        stop_btn.click(None, None, None, cancels=[run_event, prof_event, change_event, cal_event, dl_event],
+                       api_visibility="private")
 
     demo.queue(api_open=False, max_size=cfg.queue_max_size, default_concurrency_limit=cfg.concurrency_limit)
     demo.plugconv_config = cfg  # for launch(): max_file_size

@@ -74,7 +74,7 @@ def test_import_and_build_are_cheap(tmp_path):
     assert not hasattr(app, "demo")  # no module-level demo: the server starts only under __main__
     # the named endpoints exist, and the queue is configured closed to the /run bypass
     names = {d.api_name for d in demo.fns.values()}
-    assert {"analyze", "profile", "calibrate"} <= names
+    assert {"analyze", "profile", "calibrate", "prepare_downloads"} <= names
     assert demo.api_open is False
 
 
@@ -139,7 +139,9 @@ def test_analyze_outputs_are_well_formed(panels):
     for m in report["models"]:
         assert len(m["top5"]) == 5
         assert abs(sum(t["prob"] for t in m["top5"])) <= 1.0 + 1e-6
-        assert m["params"] > 1e6 and m["flops"] > 0 and m["latency_ms"] > 0
+        assert m["params"] > 1e6 and m["flops"] > 0
+        assert m["latency_ms"] is None  # latency is timed on demand (Profile tab), not on the first click
+    assert html.count("not measured yet") == 3 and "Profile" in panels["status"]
     assert "initialised only" in html  # scconv cannot transfer exactly: the card says so
     # the banner warns about random weights and the merely initialised variant
     assert "Backbone weights are random" in panels["banners"]
@@ -159,8 +161,8 @@ def test_analyze_outputs_are_well_formed(panels):
     ratios = erf["area 50%"].dropna()
     assert len(ratios) and ((ratios > 0) & (ratios <= 1)).all()
     # plotly charts serialise to JSON (what gr.Plot sends)
-    for key in ("redundancy", "similarity", "cka", "profile_summary", "profile_latency", "profile_params",
-                "profile_flops"):
+    assert panels["profile_latency"] is None  # nothing timed yet: no empty latency chart
+    for key in ("redundancy", "similarity", "cka", "profile_summary", "profile_params", "profile_flops"):
         fig = panels[key]
         assert isinstance(fig, go.Figure), key
         assert len(fig.data) >= 1, key
@@ -173,8 +175,85 @@ def test_analyze_outputs_are_well_formed(panels):
     # saconv adds parameters (the switch and the pre/post context), visible in the table
     by = dict(zip(whole["model"], whole["params"]))
     assert by["saconv"] > by["conv"]
-    # every download exists
+    # the first click writes report.json only; the rest comes with "Prepare downloads"
+    assert [p.name for p in report_files] == ["report.json"]
     assert all(p.is_file() for p in report_files)
+    assert not (report_json.parent / "report.html").exists()
+
+
+def test_prepare_downloads_writes_the_full_report_reusing_the_figures(panels):
+    shown = Path(panels["gradcam"])
+    before = shown.read_bytes()
+    files = [Path(p) for p in app.prepare_downloads(panels["report_id"])]
+    names = {p.name for p in files}
+    assert {"report.json", "report.html", "plugconv-report.zip", "gradcam.png", "erf.png"} <= names
+    assert all(p.is_file() and p.stat().st_size > 0 for p in files)
+    assert shown in files and shown.read_bytes() == before  # the figure the page shows, not redrawn
+    report = json.loads(next(p for p in files if p.name == "report.json").read_text())
+    assert [m["label"] for m in report["models"]] == VARIANTS
+    # per-panel PNGs are listed in report.json and exist
+    pngs = [g["png"] for m in report["models"] for g in m["gradcam"]]
+    assert pngs and all((shown.parent.parent / p).is_file() for p in pngs)
+    import zipfile
+
+    with zipfile.ZipFile(next(p for p in files if p.suffix == ".zip")) as z:
+        assert {"report.json", "report.html", "figures/gradcam.png"} <= set(z.namelist())
+    # the kept copy dropped the activations (memory) but the report still has every number
+    kept = app.REPORTS.peek(panels["report_id"])[0]
+    assert all(not hasattr(m.record, "activation") for m in kept.models)
+    for bad in ("", None, "plugconv-nosuch"):
+        with pytest.raises(gr.Error):
+            app.prepare_downloads(bad)
+
+
+def test_gradcam_grid_has_one_column_per_model(panels):
+    from viz import figures as vf
+
+    analysis = app.REPORTS.peek(panels["report_id"])[0]
+    fig = vf.gradcam_grid(analysis, 0)
+    image_axes = [ax for ax in fig.axes if ax.images]
+    assert len(image_axes) == len(VARIANTS) * len(analysis.layers)
+    xs = sorted({round(ax.get_position().x0, 3) for ax in image_axes})
+    ys = sorted({round(ax.get_position().y0, 3) for ax in image_axes})
+    assert len(xs) == len(VARIANTS) and len(ys) == len(analysis.layers)
+    # the top row names the models left to right, the first column names the layers top to bottom
+    top = sorted((ax for ax in image_axes if round(ax.get_position().y0, 3) == ys[-1]), key=lambda a: a.get_position().x0)
+    assert [ax.get_title().splitlines()[0] for ax in top] == VARIANTS
+    left = sorted((ax for ax in image_axes if round(ax.get_position().x0, 3) == xs[0]), key=lambda a: -a.get_position().y0)
+    assert [ax.get_ylabel() for ax in left] == list(analysis.layers)
+
+
+def test_branch_only_model_gets_a_module_map_panel(fast):
+    """ACB exposes only branch taps: the module-map figure draws their energy shares as bars."""
+    import numpy as np
+
+    from viz import figures as vf
+
+    preset = app.preset_choices("resnet18")[0]
+    out = dict(zip(app.ANALYZE_OUTPUTS, app.analyze_panels(fast, str(PHOTO), "resnet18", "random", ["conv", "acb"],
+                                                           preset, "layer4", "per panel", "cpu")))
+    assert out["taps"] is not None and Path(out["taps"]).is_file()
+    analysis = app.REPORTS.peek(out["report_id"])[0]
+    acb = analysis.models[1]
+    branch = [t for t in acb.taps if t.kind == "branch"]
+    assert branch and {t.kind for t in acb.taps} == {"branch"}
+    fig = vf.tap_maps(analysis, 0)
+    (ax,) = [a for a in fig.axes if a.patches]
+    sites, shares = vf._branch_shares(branch)
+    # one stacked bar per site, one layer per branch; the stack heights are the energy shares (sum 1)
+    assert len(ax.patches) == len(sites) * len(shares)
+    tops = np.zeros(len(sites))
+    for rect in ax.patches:
+        tops[int(round(rect.get_x() + rect.get_width() / 2))] += rect.get_height()
+    assert np.allclose(tops, 1.0, atol=1e-6)
+    # each share is the branch's squared norm over the site's total
+    record_energy = {t.name: t.stats["energy"] for t in branch}
+    for site in sites:
+        names = [t.name for t in branch if t.site == site]
+        tot = sum(record_energy[n] for n in names)
+        for t in branch:
+            if t.site == site:
+                assert abs(t.stats["energy_share"] - record_energy[t.name] / tot) < 1e-9
 
 
 @pytest.mark.parametrize("key", ["gradcam", "taps", "erf"])
@@ -249,11 +328,25 @@ def test_bad_image_files_give_readable_errors(fast, tmp_path):
 
 
 def test_profile_endpoint(cfg):
-    out = app.profile_panels(cfg, "resnet18", "random", ["conv", "acb"], app.preset_choices("resnet18")[0], "cpu")
+    preset = app.preset_choices("resnet18")[0]
+    # a variant/device change shows params and FLOPs at once and says latency is not measured yet
+    cheap = app.profile_panels(cfg, "resnet18", "random", ["conv", "acb"], preset, "cpu", measure_latency=False)
+    assert "not measured yet" in cheap[0] and cheap[app.PROFILE_OUTPUTS.index("profile_latency") + 1] is None
+    whole_cheap = cheap[-1][cheap[-1]["layer"] == "(whole model)"]
+    assert cheap[-1]["latency (ms)"].isna().all() and len(whole_cheap) == 2 and (whole_cheap["params"] > 0).all()
+    out = app.profile_panels(cfg, "resnet18", "random", ["conv", "acb"], preset, "cpu")
     assert len(out) == 1 + len(app.PROFILE_OUTPUTS)
     status, *figs, table = out
-    assert "2 model" in status
+    assert "2 model" in status and "not measured" not in status
     assert all(isinstance(f, go.Figure) for f in figs)
+    assert (table[table["layer"] == "(whole model)"]["latency (ms)"] > 0).all()
+    # once measured, the latency is reused by later analyses and cheap refreshes (cached per model)
+    again = app.profile_panels(cfg, "resnet18", "random", ["conv", "acb"], preset, "cpu", measure_latency=False)
+    assert again[-1]["latency (ms)"].equals(table["latency (ms)"])
+    res = dict(zip(app.ANALYZE_OUTPUTS, app.analyze_panels(cfg, str(PHOTO), "resnet18", "random", ["conv", "acb"],
+                                                           preset, "layer4", "per panel", "cpu")))
+    report = json.loads(Path(res["downloads"][0]).read_text())
+    assert all(m["latency_ms"] > 0 for m in report["models"]) and "not measured" not in res["status"]
     assert set(table["model"]) == {"conv", "acb"}
     acb_whole = table[(table["model"] == "acb") & (table["layer"] == "(whole model)")]["params"].item()
     conv_whole = table[(table["model"] == "conv") & (table["layer"] == "(whole model)")]["params"].item()

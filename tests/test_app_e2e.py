@@ -81,17 +81,24 @@ def test_analyze_through_the_client(served):
         assert table["data"], key
     assert [row[0] for row in got["summary"]["data"]] == VARIANTS
     # plots: {"type": "plotly", "plot": "<figure JSON>"}
-    for key in ("redundancy", "similarity", "cka", "profile_summary", "profile_latency", "profile_params",
-                "profile_flops"):
+    for key in ("redundancy", "similarity", "cka", "profile_summary", "profile_params", "profile_flops"):
         plot = got[key]
         assert plot["type"] == "plotly", key
         assert json.loads(plot["plot"])["data"], key
-    # downloads: report.json with every model, report.html, figures and a zip
-    names = {Path(p).name for p in got["downloads"]}
-    assert {"report.json", "report.html", "plugconv-report.zip"} <= names
-    report = json.loads(Path(next(p for p in got["downloads"] if p.endswith("report.json"))).read_text())
+    assert got["profile_latency"] is None and "open the **Profile** tab" in got["status"]  # timed on demand
+    # the first click gives report.json; /prepare_downloads adds report.html, the figures and a zip
+    assert [Path(p).name for p in got["downloads"]] == ["report.json"]
+    report = json.loads(Path(got["downloads"][0]).read_text())
     assert [m["label"] for m in report["models"]] == VARIANTS
     assert report["models"][1]["provenance"] and set(report["models"][1]["provenance"].values()) == {"exact"}
+    files = client.predict(got["report_id"], api_name="/prepare_downloads")
+    names = {Path(p if isinstance(p, str) else p["path"]).name for p in files}
+    assert {"report.json", "report.html", "plugconv-report.zip", "gradcam.png"} <= names
+    # the Profile endpoint times the models; the latency chart appears
+    prof = client.predict("resnet18", "random", VARIANTS, preset, "cpu", True, api_name="/profile")
+    assert "not measured" not in prof[0]
+    lat = prof[1 + app.PROFILE_OUTPUTS.index("profile_latency")]
+    assert lat["type"] == "plotly" and json.loads(lat["plot"])["data"]
 
 
 def test_user_error_comes_back_readable(served):

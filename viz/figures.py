@@ -92,7 +92,7 @@ def gradcam_grid(
     alpha: float = 0.55,
     panel_size: float = 2.4,
 ) -> Figure:
-    """Grad-CAM overlay grid: rows = models, columns = layers, for one image.
+    """Grad-CAM overlay grid: one column per model (side by side, as in the app), rows = layers.
 
     Args:
         analysis: the result of :func:`viz.analysis.analyze`.
@@ -102,31 +102,37 @@ def gradcam_grid(
         robust: limits at the 99th percentile of |M| ("clipped at p99").
         alpha: overlay opacity.
         panel_size: inches per panel.
+
+    Returns:
+        Figure with ``len(layers)`` rows × ``len(models)`` columns of S×S overlays; column titles
+        name the model, row labels the layer, every panel states its colour range.
     """
     models = analysis.models
     layers = list(analysis.layers)
     panels = cam_panels(analysis, image_index, relu=relu)
     lims = cam_limits(analysis, image_index, mode=mode, relu=relu, robust=robust)
     crop = analysis.images[image_index]
-    nr, nc = max(len(models), 1), max(len(layers), 1)
+    nr, nc = max(len(layers), 1), max(len(models), 1)
     fig = Figure(figsize=(panel_size * nc + 0.8, panel_size * nr + 1.2))
     axes = fig.subplots(nr, nc, squeeze=False)
     for i, m in enumerate(models):
         for j, layer in enumerate(layers):
-            ax = axes[i][j]
+            ax = axes[j][i]
             ax.set_xticks([])
             ax.set_yticks([])
+            if i == 0:
+                ax.set_ylabel(layer, fontsize=9)
             key = (m.label, layer)
+            head = f"{m.label}\n" if j == 0 else ""
             if key not in panels:
+                ax.set_title(f"{head}no map", fontsize=7)
                 ax.text(0.5, 0.5, "no map", ha="center", va="center", transform=ax.transAxes)
                 continue
             lim = lims[key]
             ax.imshow(overlay_array(crop, panels[key], lim, alpha=alpha))
             rng = f"±{lim.vmax:.3g}" if lim.signed else f"[0, {lim.vmax:.3g}]"
             sub = rng if lim.status == "ok" else lim.status
-            ax.set_title(f"{layer}\n{sub}", fontsize=7)
-            if j == 0:
-                ax.set_ylabel(m.label, fontsize=9)
+            ax.set_title(f"{head}{layer}: {sub}", fontsize=7 if j else 8)
             sm = colormaps[lim.cmap]
             mappable = _mappable(sm, lim)
             cb = fig.colorbar(mappable, ax=ax, fraction=0.046, pad=0.02)
@@ -194,21 +200,70 @@ def _tap_title(t: TapSummary) -> str:
     return s
 
 
+def _branch_shares(taps: Sequence[TapSummary]) -> tuple[list[str], dict[str, list[float]]]:
+    """Sites (forward order) and, per branch local name, its energy share at each site (NaN = absent)."""
+    sites: list[str] = []
+    for t in taps:
+        if t.site not in sites:
+            sites.append(t.site)
+    locals_: list[str] = []
+    for t in taps:
+        if t.local not in locals_:
+            locals_.append(t.local)
+    shares = {loc: [float("nan")] * len(sites) for loc in locals_}
+    for t in taps:
+        v = t.stats.get("energy_share")
+        if isinstance(v, (int, float)):
+            shares[t.local][sites.index(t.site)] = float(v)
+    return sites, shares
+
+
+def _draw_branch_shares(ax: Any, label: str, taps: Sequence[TapSummary]) -> None:
+    """Stacked bars: per swapped site, each branch's energy share ‖b_i‖² / Σ_j ‖b_j‖² (sums to 1)."""
+    sites, shares = _branch_shares(taps)
+    x = np.arange(len(sites))
+    bottom = np.zeros(len(sites))
+    palette = ("#4477aa", "#ee6677", "#228833", "#ccbb44", "#66ccee", "#aa3377")
+    for k, (loc, vals) in enumerate(shares.items()):
+        v = np.nan_to_num(np.asarray(vals, dtype=np.float64), nan=0.0)
+        ax.bar(x, v, bottom=bottom, color=palette[k % len(palette)], label=loc, width=0.8)
+        bottom += v
+    ax.set_ylim(0, 1)
+    ax.set_xticks(x)
+    ax.set_xticklabels([str(i + 1) for i in range(len(sites))], fontsize=4)
+    ax.tick_params(labelsize=5)
+    ax.set_xlabel("swapped site (forward order)", fontsize=5)
+    ax.set_ylabel("energy share", fontsize=5)
+    ax.legend(fontsize=4, loc="lower right", framealpha=0.6)
+    mean = {loc: float(np.nanmean(v)) if np.isfinite(v).any() else float("nan") for loc, v in
+            ((loc, np.asarray(vals, dtype=np.float64)) for loc, vals in shares.items())}
+    means = " / ".join(f"{loc} {v:.0%}" for loc, v in mean.items())
+    ax.set_title(f"{label}: branch energy shares ‖b_i‖²/Σ‖b_j‖²\n{len(sites)} sites · mean {means}", fontsize=5)
+
+
 def tap_maps(
     analysis: Analysis, image_index: int = 0, *, models: Sequence[str] | None = None, max_panels: int = 8,
     panel_size: float = 2.3,
 ) -> Figure:
     """Spatial taps (gates, masks, switches) over the image, one row per model (up to ``max_panels``).
 
-    Channel-weight taps are drawn as histograms of their per-channel means.
+    Channel-weight taps are drawn as histograms of their per-channel means. Models with branch taps
+    (ACB square / vertical / horizontal, SAConv small / large, SPConv representative / redundant)
+    get one panel of stacked bars: each branch's energy share per swapped site — so a model whose
+    only taps are branches (ACB) still has a visible panel.
     """
     rows = [m for m in analysis.models if (models is None or m.label in models) and m.taps]
     crop = analysis.images[image_index]
-    per_row = []
+    per_row: list[tuple[Any, list[Any]]] = []
     for m in rows:
         sp = [t for t in m.taps if t.spatial is not None and t.kind in ("spatial_gate", "mask")]
         cw = [t for t in m.taps if t.kind == "channel_weights" and t.channels is not None]
-        per_row.append((m, (sp + cw)[:max_panels]))
+        br = [t for t in m.taps if t.kind == "branch"]
+        items: list[Any] = list((sp + cw)[: max_panels - 1 if br else max_panels])
+        if br:
+            items.append(("branches", br))
+        if items:
+            per_row.append((m, items))
     nc = max([len(p) for _, p in per_row] + [1])
     nr = max(len(per_row), 1)
     fig = Figure(figsize=(panel_size * min(nc, 8) + 0.5, panel_size * nr * max(1, -(-nc // 8)) + 0.8))
@@ -221,9 +276,12 @@ def tap_maps(
     cols = min(nc, 8)
     total_rows = sum(-(-max(len(p), 1) // cols) for _, p in per_row)
     r0 = 0
-    for m, taps in per_row:
-        for k, t in enumerate(taps):
+    for m, items in per_row:
+        for k, t in enumerate(items):
             ax = fig.add_subplot(total_rows, cols, (r0 + k // cols) * cols + k % cols + 1)
+            if isinstance(t, tuple):
+                _draw_branch_shares(ax, m.label, t[1])
+                continue
             if t.spatial is not None and t.kind in ("spatial_gate", "mask"):
                 lim = tap_limits(t)
                 ax.imshow(tap_overlay(crop, t, image_index))
@@ -234,7 +292,7 @@ def tap_maps(
                 ax.hist(np.asarray(t.channels).ravel(), bins=20, color="#4477aa")
                 ax.tick_params(labelsize=5)
             ax.set_title(f"{m.label}: {_tap_title(t)}", fontsize=5)
-        r0 += -(-max(len(taps), 1) // cols)
+        r0 += -(-max(len(items), 1) // cols)
     fig.suptitle("variant taps (true ranges; spatial maps bilinearly upsampled to the input crop)", fontsize=8)
     return fig
 

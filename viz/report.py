@@ -4,7 +4,7 @@ Layout of ``out_dir``::
 
     report.json                      the Analysis.to_dict() structure (with PNG paths filled in)
     report.html                      opens offline: PNGs embedded as base64, plotly inlined once
-    figures/gradcam.png              Grad-CAM grid (models × layers), shared colour mode
+    figures/gradcam.png              Grad-CAM grid (rows: layers, columns: models), shared colour mode
     figures/taps.png, figures/erf.png
     gradcam/<model>/<layer>.png      one overlay per model and layer (shared limits per layer)
     taps/<model>/<tap>.png           spatial taps over the crop; channel weights as a strip
@@ -82,7 +82,8 @@ def _charts(analysis: Analysis) -> list[tuple[str, Any]]:
     return out
 
 
-def write_report(analysis: Analysis, out_dir: str | Path, *, mode: str = "shared", html_report: bool = True) -> Path:
+def write_report(analysis: Analysis, out_dir: str | Path, *, mode: str = "shared", html_report: bool = True,
+                 reuse_figures: bool = False) -> Path:
     """Write report.json, PNG figures and report.html for ``analysis`` into ``out_dir``.
 
     Args:
@@ -90,6 +91,8 @@ def write_report(analysis: Analysis, out_dir: str | Path, *, mode: str = "shared
         out_dir: directory (created).
         mode: Grad-CAM colour mode for the figures ("per-panel" | "shared" | "global").
         html_report: also write the self-contained report.html.
+        reuse_figures: keep a composite figure already listed in ``analysis.files`` and present in
+            ``out_dir`` (drawn earlier with the same ``mode``) instead of drawing it again.
 
     Returns:
         Path of report.json.
@@ -123,16 +126,18 @@ def write_report(analysis: Analysis, out_dir: str | Path, *, mode: str = "shared
         m.timings["render"] = time.perf_counter() - t
     figs: dict[str, Any] = {}
     if analysis.models and analysis.layers:
-        figs["gradcam"] = vf.gradcam_grid(analysis, 0, mode=mode)
+        figs["gradcam"] = lambda: vf.gradcam_grid(analysis, 0, mode=mode)
     if any(m.taps for m in analysis.models):
-        figs["taps"] = vf.tap_maps(analysis, 0)
+        figs["taps"] = lambda: vf.tap_maps(analysis, 0)
     erfs = {m.label: m.erf for m in analysis.models if m.erf is not None}
     if erfs:
-        figs["erf"] = vf.erf_figure(erfs, theoretical={m.label: m.theoretical_rf for m in analysis.models},
-                                    provenance={m.label: _prov_text(m.swap) for m in analysis.models})
-    for name, fig in figs.items():
+        figs["erf"] = lambda: vf.erf_figure(erfs, theoretical={m.label: m.theoretical_rf for m in analysis.models},
+                                            provenance={m.label: _prov_text(m.swap) for m in analysis.models})
+    for name, build in figs.items():
         rel = f"figures/{name}.png"
-        _write(out / rel, vf.figure_png(fig))
+        if reuse_figures and files.get(f"figure/{name}") == rel and (out / rel).is_file():
+            continue
+        _write(out / rel, vf.figure_png(build()))
         files[f"figure/{name}"] = rel
     analysis.timings["render"] = time.perf_counter() - t_all
     d = analysis.to_dict()

@@ -132,6 +132,10 @@ def _top5_html(top5: Sequence[Mapping[str, Any]]) -> str:
     return "".join(rows) or '<div class="pc-muted">no predictions</div>'
 
 
+#: what a card shows while latency has not been measured (it is timed on demand in the Profile tab)
+_LATENCY_PENDING = '<span class="pc-muted" title="latency is timed on demand">not measured yet — open Profile</span>'
+
+
 def model_card_html(m: Mapping[str, Any]) -> str:
     """One column of the Overview: predictions, cost, swap report and provenance of one model."""
     label = html.escape(str(m.get("label") or m.get("variant", "?")))
@@ -164,7 +168,7 @@ def model_card_html(m: Mapping[str, Any]) -> str:
         f'<div class="pc-section">Cost</div>'
         f'<table class="pc-cost"><tr><td>params</td><td>{human(m.get("params"))}</td></tr>'
         f'<tr><td>FLOPs</td><td>{human(m.get("flops"))}</td></tr>'
-        f'<tr><td>latency</td><td>{fmt_ms(lat)}</td></tr></table>'
+        f'<tr><td>latency</td><td>{fmt_ms(lat) if lat is not None else _LATENCY_PENDING}</td></tr></table>'
         f'<div class="pc-section">Swap report</div>'
         f'<div class="pc-prov">{html.escape(provenance_sentence(str(m.get("variant", "?")), prov, len(skipped)))}</div>'
         f"{swapped_html}{skipped_html}</div>"
