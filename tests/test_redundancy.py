@@ -275,3 +275,41 @@ def test_plain_and_centred_selection_agree():
     iu = np.triu_indices(300, 1)
     assert b["mean_abs_cos_plain"] == pytest.approx(np.abs(s[iu]).mean(), rel=1e-10)
     assert np.nanmin(b["similarity"]["matrix"]) >= 0  # plain cosine of post-ReLU features
+
+
+@pytest.mark.parametrize("centred", [True, False])
+def test_wide_path_matches_dense_oracle(centred):
+    """C′ > M (the row-block path, no C′×C′ float matrix): every pair metric and the displayed
+    sub-matrix equal a dense NumPy oracle; one dead channel is excluded (NaN row in the display)."""
+    g = torch.Generator().manual_seed(7)
+    base = torch.randn(1, 12, 3, 3, generator=g, dtype=torch.float64)
+    a = torch.cat([base, base[:, :8] * 2.5 + 0.01 * torch.randn(1, 8, 3, 3, generator=g, dtype=torch.float64),
+                   torch.zeros(1, 1, 3, 3, dtype=torch.float64)], 1)  # C = 21 > M = 9; channel 20 dead
+    r = redundancy_metrics(a, centred=centred, tau=0.9, max_display=8)
+    f = a[0].reshape(21, -1).numpy()[:20]
+    if centred:
+        f = f - f.mean(1, keepdims=True)
+    u = f / np.linalg.norm(f, axis=1, keepdims=True)
+    s = np.clip(u @ u.T, -1, 1)
+    np.fill_diagonal(s, 1.0)
+    iu = np.triu_indices(20, 1)
+    assert r["C_kept"] == 20 and r["M"] == 9
+    assert r["mean_abs_cos"] == pytest.approx(np.abs(s[iu]).mean(), rel=1e-10)
+    adj = np.abs(s) > 0.9
+    np.fill_diagonal(adj, False)
+    assert r["share_pairs_above_tau"] == pytest.approx(adj[iu].mean())
+    assert r["near_duplicate_fraction"] == pytest.approx(adj.any(1).mean())
+    parent = list(range(20))
+
+    def find(i):
+        while parent[i] != i:
+            i = parent[i]
+        return i
+
+    for i, j in zip(*np.nonzero(adj)):
+        parent[find(i)] = find(j)
+    assert r["distinct_channels"] == len({find(i) for i in range(20)}) < 20
+    sim = r["similarity"]
+    ch = sim["channels"]
+    assert sim["subsampled"] and ch[-1] == 20 and np.isnan(sim["matrix"][-1]).all()
+    np.testing.assert_allclose(sim["matrix"][:-1, :-1], s[np.ix_(ch[:-1], ch[:-1])], atol=1e-12)

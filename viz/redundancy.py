@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 
 #: metric keys that are plain floats (or None), in display order; the charts use these names
 SCALAR_KEYS = (
@@ -104,9 +105,15 @@ def _components(adj: np.ndarray) -> int:
 
 
 def _eigvalsh(g: torch.Tensor) -> np.ndarray:
-    """Eigenvalues of a symmetric float64 matrix (LAPACK through NumPy: torch's threaded path
-    can stall badly on an oversubscribed CPU)."""
-    return np.linalg.eigvalsh(g.numpy())
+    """Eigenvalues of a symmetric float64 matrix (LAPACK through NumPy, one BLAS thread).
+
+    torch's threaded path can stall badly on an oversubscribed CPU, and so can a multi-threaded
+    OpenBLAS right after a torch matmul (torch's OpenMP workers are still spinning: 256×256 took
+    0.5 s instead of 6 ms), so OpenBLAS is limited to one thread for the call (threadpoolctl);
+    the matrices here are at most C′ ≤ M or M×M, small enough for one core.
+    """
+    with threadpool_limits(1, user_api="blas"):
+        return np.linalg.eigvalsh(g.numpy())
 
 
 def _spectral(lam: np.ndarray, m: int) -> dict[str, float]:
@@ -137,8 +144,13 @@ def _core(
     eps_abs: float,
     const_rel: float,
     keep_matrix: bool,
+    max_display: int | None = None,
 ) -> dict[str, Any]:
     """Metrics of one C×M float64 channel matrix.
+
+    ``max_display`` (with ``keep_matrix``): only the kept channels that
+    :func:`_display_matrix` will show are returned in ``_sim`` (a sub-matrix and their indices).
+    When C′ > M the C′×C′ matrices are never stored: see :func:`_wide`.
 
     Memory traffic, not arithmetic, dominates at large C (ResNet-50 layer4: 2048×2048 matrices of
     32 MB each), so the one Gram matrix is transformed in place: plain-cosine statistics are read
@@ -148,8 +160,8 @@ def _core(
     c, m = f.shape
     absmax = torch.maximum(f.amax(dim=1), -f.amin(dim=1))  # (aminmax is several times slower)
     mean = f.sum(dim=1) / m
-    gram = f @ f.T  # C×C: the only C²·M product
-    var = (gram.diagonal() / m - mean * mean).clamp_min(0.0)  # population variance from the diagonal
+    sumsq = torch.einsum("ij,ij->i", f, f)
+    var = (sumsq / m - mean * mean).clamp_min(0.0)  # population variance
     dead = absmax <= eps_abs
     mean_var = float(var.mean())
     constant = (var <= const_rel * mean_var) & ~dead
@@ -171,9 +183,22 @@ def _core(
         out.update({k: nan for k in SCALAR_KEYS if k not in out})
         out["_sim"] = None
         return out
+    show = _display_positions(c, kept_idx, max_display) if keep_matrix else None
+    if ck > m:  # wide: no C′×C′ float64 matrix at all
+        out.update(_wide(f[kept_idx] if ck < c else f, mean[kept_idx], sumsq[kept_idx], tau=tau,
+                         centred=centred, scale=scale, show=show))
+        spec = _spectral(out.pop("_lam"), m)
+        out.update(spec)
+        out["erank_ratio"] = spec["erank"] / ck
+        out["pr_ratio"] = spec["participation_ratio"] / ck
+        out["k90_ratio"] = spec["k90"] / ck
+        out["k95_ratio"] = spec["k95"] / ck
+        sub = out.pop("_show")
+        out["_sim"] = (sub, kept_idx.numpy()[show]) if keep_matrix else None
+        return out
 
-    if ck < c:
-        gram = gram[kept_idx][:, kept_idx]
+    fk = f[kept_idx] if ck < c else f
+    gram = fk @ fk.T  # C′×C′: the only C′²·M product
     mu = mean[kept_idx]
     nrm_p = gram.diagonal().clamp_min(1e-300).sqrt()
     pairs = ck * (ck - 1)
@@ -234,7 +259,97 @@ def _core(
     out["pr_ratio"] = spec["participation_ratio"] / ck
     out["k90_ratio"] = spec["k90"] / ck
     out["k95_ratio"] = spec["k95"] / ck
-    out["_sim"] = (s.numpy(), kept_idx.numpy()) if keep_matrix else None
+    if keep_matrix:
+        assert show is not None
+        out["_sim"] = (s.numpy()[np.ix_(show, show)], kept_idx.numpy()[show])
+    else:
+        out["_sim"] = None
+    return out
+
+
+def _display_positions(c: int, kept_idx: torch.Tensor, max_display: int | None) -> np.ndarray:
+    """Positions (among the kept channels, ascending) of the channels :func:`_display_matrix` shows."""
+    ck = int(kept_idx.numel())
+    if max_display is None or c <= max_display:
+        return np.arange(ck)
+    idx = np.unique(np.linspace(0, c - 1, max_display).round().astype(int))
+    pos = np.full(c, -1)
+    pos[kept_idx.numpy()] = np.arange(ck)
+    p = pos[idx]
+    return np.unique(p[p >= 0])
+
+
+def _wide(
+    fk: torch.Tensor,
+    mu: torch.Tensor,
+    sumsq: torch.Tensor,
+    *,
+    tau: float,
+    centred: bool,
+    scale: str,
+    show: np.ndarray | None,
+) -> dict[str, Any]:
+    """Pairwise and spectral metrics when C′ > M (ResNet-50 ``layer3``/``layer4`` at 224²).
+
+    The cosine matrices are made in row blocks straight from unit-norm rows (``Û Ûᵀ``, float64,
+    each block small enough to stay in cache) and reduced on the spot: Σ|S|, the |S| > τ
+    adjacency (the only C′×C′ array kept, boolean) and the displayed rows. Same definitions as the
+    Gram path (clamped to [−1, 1], unit diagonal), ≈ 4× less memory traffic than transforming
+    32 MB float64 matrices in place; values agree with it to float64 rounding (~1e-15).
+    The spectrum comes from the M×M Gram ``XᵀX`` of the centred rows.
+    """
+    ck, m = fk.shape
+    nrm_p = sumsq.clamp_min(1e-300).sqrt()
+    xc = fk - mu[:, None]
+    nrm_c = torch.einsum("ij,ij->i", xc, xc).clamp_min(1e-300).sqrt()
+    x = xc if scale == "covariance" else xc / (nrm_c / math.sqrt(max(m - 1, 1)))[:, None]
+    lam = _eigvalsh(x.T @ x)  # M×M
+    un_p = (fk / nrm_p[:, None]).numpy()
+    un_c = (xc / nrm_c[:, None]).numpy()
+    sel, other = (un_c, un_p) if centred else (un_p, un_c)
+    adj = np.empty((ck, ck), dtype=bool)
+    sub = np.empty((len(show), len(show))) if show is not None else None
+    rows = {int(r): i for i, r in enumerate(show)} if show is not None else {}
+    sel_sum = other_sum = 0.0
+    step = max(1, (1 << 16) // ck)
+    # NumPy, one BLAS thread: many small ops, where torch's OpenMP barriers cost ~ms each on a busy CPU
+    with threadpool_limits(1, user_api="blas"):
+        buf = np.empty((step, ck))
+        for i in range(0, ck, step):
+            j = min(i + step, ck)
+            blk = np.matmul(other[i:j], other.T, out=buf[: j - i])
+            np.clip(blk, -1.0, 1.0, out=blk)
+            np.abs(blk, out=blk)
+            d = np.arange(j - i)
+            blk[d, d + i] = 0.0
+            other_sum += float(blk.sum())
+            blk = np.matmul(sel[i:j], sel.T, out=buf[: j - i])
+            np.clip(blk, -1.0, 1.0, out=blk)
+            blk[d, d + i] = 1.0
+            if sub is not None:
+                local = [r for r in range(i, j) if r in rows]
+                if local:
+                    sub[[rows[r] for r in local]] = blk[np.asarray(local) - i][:, show]
+            blk[d, d + i] = 0.0
+            np.abs(blk, out=blk)
+            sel_sum += float(blk.sum())
+            np.greater(blk, tau, out=adj[i:j])
+    pairs = ck * (ck - 1)
+    out: dict[str, Any] = {"_lam": lam, "_show": sub}
+    if ck >= 2:
+        out["mean_abs_cos_plain"] = (other_sum if centred else sel_sum) / pairs
+        out["mean_abs_cos_centred"] = (sel_sum if centred else other_sum) / pairs
+        out["mean_abs_cos"] = out["mean_abs_cos_centred" if centred else "mean_abs_cos_plain"]
+        out["share_pairs_above_tau"] = float(adj.sum()) / pairs
+        out["near_duplicate_fraction"] = float(adj.any(axis=1).sum()) / ck
+        comps = _components(adj)
+    else:
+        for k in ("mean_abs_cos_plain", "mean_abs_cos_centred", "mean_abs_cos", "share_pairs_above_tau"):
+            out[k] = float("nan")
+        out["near_duplicate_fraction"] = 0.0
+        comps = 1
+    out["distinct_channels"] = comps
+    out["distinct_fraction"] = comps / ck
     return out
 
 
@@ -346,7 +461,8 @@ def redundancy_metrics(
     n, c, h, w = (int(v) for v in a4.shape)
     kw = {"tau": tau, "centred": centred, "scale": scale, "eps_abs": eps_abs, "const_rel": const_rel}
     if per_image and n > 1:
-        runs = [_core(f_all[:, i * h * w : (i + 1) * h * w], keep_matrix=(i == 0), **kw) for i in range(n)]
+        runs = [_core(f_all[:, i * h * w : (i + 1) * h * w], keep_matrix=(i == 0), max_display=max_display, **kw)
+                for i in range(n)]
         res: dict[str, Any] = {}
         for k in (*SCALAR_KEYS, "C_kept", "rank_cap"):
             vals = [r[k] for r in runs if r.get(k) is not None and math.isfinite(r[k])]
@@ -356,7 +472,7 @@ def redundancy_metrics(
         res["_sim"] = runs[0]["_sim"]
         mode = "per-image"
     else:
-        res = _core(f_all, keep_matrix=similarity, **kw)
+        res = _core(f_all, keep_matrix=similarity, max_display=max_display, **kw)
         mode = "pooled"
     ck = res["C_kept"]
     m = res["M"]
