@@ -832,7 +832,7 @@ def write_outputs(analysis, mode: str, out_dir: Path) -> dict[str, Any]:
 
     Returns:
         ``{"gradcam", "taps", "erf"}``: composite figure PNG paths (None when absent),
-        ``"gradcam_legend"``: markdown, ``"downloads"``: ``[report.json]``.
+        ``"gradcam_legend"``: markdown, ``"downloads"``: ``[report.json]``, ``"report"``: its content.
     """
     from viz import figures as vf
 
@@ -856,7 +856,8 @@ def write_outputs(analysis, mode: str, out_dir: Path) -> dict[str, Any]:
         analysis.files[f"figure/{name}"] = rel
         out[name] = str(path)
     report_json = out_dir / "report.json"
-    report_json.write_text(json.dumps(analysis.to_dict(), indent=1, allow_nan=False, default=str), encoding="utf-8")
+    out["report"] = analysis.to_dict()
+    report_json.write_text(json.dumps(out["report"], indent=1, allow_nan=False, default=str), encoding="utf-8")
     out["gradcam_legend"] = gradcam_legend(analysis, mode)
     out["downloads"] = [str(report_json)]
     return out
@@ -934,7 +935,7 @@ def render_panels(analysis, profiles: dict[str, dict[str, Any]], mode: str, out_
     from viz import ui
 
     images = write_outputs(analysis, mode, out_dir)
-    report = analysis.to_dict()
+    report = images["report"]
     red, sim, cka = redundancy_charts(analysis, layer)
     summary, latency, params, flops = profile_charts(profiles)
     return {

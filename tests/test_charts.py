@@ -142,9 +142,16 @@ def test_similarity_heatmaps():
     (hm,) = fig.data
     assert hm.zmid == 0 and hm.zmin == -1 and hm.zmax == 1
     assert hm.z[0][1] == pytest.approx(-1.0)
-    assert hm.z[4][4] is None  # dead channel: NaN → gap
+    assert np.isnan(hm.z[4][4])  # dead channel: NaN → gap
     assert hm.colorscale[0][1] != hm.colorscale[-1][1]
-    _roundtrip(fig)
+    sent = _roundtrip(fig)["data"][0]["z"]  # what the browser gets: a typed array (plotly.js decodes it)
+    if isinstance(sent, dict):
+        import base64
+
+        shape = tuple(int(v) for v in str(sent["shape"]).split(","))
+        sent = np.frombuffer(base64.b64decode(sent["bdata"]), dtype=np.dtype(sent["dtype"])).reshape(shape)
+    sent = np.asarray(sent, dtype=float)
+    assert np.isnan(sent[4][4]) and sent[0][1] == pytest.approx(-1.0)
     unsigned = similarity_heatmap(np.asarray(res["similarity"]["matrix"]), signed=False)
     assert unsigned.data[0].zmin == 0 and unsigned.data[0].z[0][1] == pytest.approx(1.0)
     grid = similarity_grid({"conv": res["similarity"], "acb": res["similarity"]["matrix"]})

@@ -387,10 +387,10 @@ def similarity_heatmap(
 
 def _sim_trace(z: np.ndarray, channels: list[int] | None, *, signed: bool, showscale: bool) -> go.Heatmap:
     labels = [str(c) for c in (channels if channels is not None else range(z.shape[0]))]
-    zz = z if signed else np.abs(z)
-    zl = [[None if not np.isfinite(v) else float(v) for v in row] for row in zz]
+    zz = np.asarray(z if signed else np.abs(z), dtype=np.float64)
+    zz = np.where(np.isfinite(zz), zz, np.nan)  # NaN (excluded channel) is a gap; JSON carries it as null
     return go.Heatmap(
-        z=zl, x=labels, y=labels,
+        z=zz, x=labels, y=labels,
         colorscale=DIVERGING if signed else SEQUENTIAL,
         zmin=-1.0 if signed else 0.0, zmax=1.0, zmid=0.0 if signed else None,
         showscale=showscale, colorbar={"title": "cos" if signed else "|cos|"},
