@@ -35,6 +35,7 @@ def served(tmp_path_factory):
                         default_weights="random", default_variants=tuple(VARIANTS), input_size=64,
                         weights_dir=tmp / "weights", profile_repeats=2, profile_warmup=1,
                         queue_max_size=4, max_file_size="2mb")
+    app.MODELS.clear()  # fresh models: no latency measured by earlier tests in this process
     demo = app.build_demo(cfg)
     _, url, _ = app.launch(demo, prevent_thread_lock=True, server_name="127.0.0.1", quiet=True)
     from gradio_client import Client
