@@ -152,10 +152,11 @@ def _core(
     :func:`_display_matrix` will show are returned in ``_sim`` (a sub-matrix and their indices).
     When C′ > M the C′×C′ matrices are never stored: see :func:`_wide`.
 
-    Memory traffic, not arithmetic, dominates at large C (ResNet-50 layer4: 2048×2048 matrices of
-    32 MB each), so the one Gram matrix is transformed in place: plain-cosine statistics are read
-    from it in row blocks, then it is centred (``G − M·μμᵀ``), its spectrum taken when it is the
-    smaller Gram, and it is normalised into the centred cosine matrix.
+    C′ ≤ M: the one C′×C′ Gram ``F Fᵀ`` gives the plain cosines, is centred in place
+    (``G − M·μμᵀ``), gives the spectrum and is normalised into the centred cosine matrix (NumPy,
+    one BLAS thread). C′ > M (ResNet-50 ``layer3``/``layer4``: 2048×2048 matrices of 32 MB):
+    :func:`_wide` reduces the cosine matrices row block by row block and takes the spectrum from
+    the M×M Gram. Channel statistics (mean, variance) come from the rows directly.
     """
     c, m = f.shape
     absmax = torch.maximum(f.amax(dim=1), -f.amin(dim=1))  # (aminmax is several times slower)
@@ -198,58 +199,47 @@ def _core(
         return out
 
     fk = f[kept_idx] if ck < c else f
-    gram = fk @ fk.T  # C′×C′: the only C′²·M product
-    mu = mean[kept_idx]
-    nrm_p = gram.diagonal().clamp_min(1e-300).sqrt()
+    gram_t = fk @ fk.T  # C′×C′ (C′ ≤ M here): the only C′²·M product
+    mu = mean[kept_idx].numpy()
     pairs = ck * (ck - 1)
-
-    # plain cosine: summary read in row blocks (no second C′×C′ matrix); kept whole only if selected
-    s_plain = None
-    if not centred:
-        s_plain = (gram / nrm_p[:, None] / nrm_p[None, :]).clamp_(-1.0, 1.0)
-        s_plain.fill_diagonal_(1.0)
-        plain_sum = float(torch.linalg.vector_norm(s_plain, ord=1))
-    else:
-        plain_sum = 0.0
-        for i in range(0, ck, 256):
-            blk = gram[i : i + 256] / nrm_p[i : i + 256, None] / nrm_p[None, :]
-            plain_sum += float(torch.linalg.vector_norm(blk.clamp_(-1.0, 1.0), ord=1))
-        plain_sum -= float(torch.linalg.vector_norm(gram.diagonal() / nrm_p / nrm_p, ord=1)) - ck
-
-    gram.addr_(mu, mu, alpha=-float(m))  # in place: X Xᵀ of the row-centred matrix
-    nrm_c = gram.diagonal().clamp_min(1e-300).sqrt()
-
-    # spectrum through the smaller Gram (non-zero eigenvalues of X Xᵀ and Xᵀ X coincide)
-    if ck <= m and scale == "covariance":
-        lam = _eigvalsh(gram)
-    elif ck > m:
-        x = (f[kept_idx] if ck < c else f) - mu[:, None]
+    # the C′×C′ passes in NumPy with one BLAS thread: small matrices (≤ M² entries), where each
+    # torch op's OpenMP barrier costs more than the work on a busy CPU
+    with threadpool_limits(1, user_api="blas"):
+        gram = gram_t.numpy()
+        nrm_p = np.sqrt(np.clip(gram.diagonal(), 1e-300, None))
+        s_plain = np.clip(gram / nrm_p[:, None] / nrm_p[None, :], -1.0, 1.0)
+        np.fill_diagonal(s_plain, 1.0)
+        plain_sum = float(np.abs(s_plain).sum())
+        gram -= float(m) * np.outer(mu, mu)  # in place: X Xᵀ of the row-centred matrix
+        nrm_c = np.sqrt(np.clip(gram.diagonal(), 1e-300, None))
+        # spectrum of the C′×C′ Gram (non-zero eigenvalues of X Xᵀ and Xᵀ X coincide)
+        if scale == "covariance":
+            lam = np.linalg.eigvalsh(gram)
+        s_cent = gram
+        s_cent /= nrm_c[:, None]
+        s_cent /= nrm_c[None, :]
+        np.clip(s_cent, -1.0, 1.0, out=s_cent)
+        np.fill_diagonal(s_cent, 1.0)
         if scale == "correlation":
-            x = x / (nrm_c / math.sqrt(max(m - 1, 1)))[:, None]
-        lam = _eigvalsh(x.T @ x)  # M×M
-    s_cent = gram.div_(nrm_c[:, None]).div_(nrm_c[None, :]).clamp_(-1.0, 1.0)
-    s_cent.fill_diagonal_(1.0)
-    if ck <= m and scale == "correlation":
-        lam = _eigvalsh(s_cent) * (m - 1)  # standardised rows: X Xᵀ = (M−1)·R
-    s = s_plain if s_plain is not None else s_cent
+            lam = np.linalg.eigvalsh(s_cent) * (m - 1)  # standardised rows: X Xᵀ = (M−1)·R
+        s = s_cent if centred else s_plain
 
-    if ck >= 2:
-        cent_sum = float(torch.linalg.vector_norm(s_cent, ord=1))
-        out["mean_abs_cos_plain"] = (plain_sum - ck) / pairs
-        out["mean_abs_cos_centred"] = (cent_sum - ck) / pairs
-        out["mean_abs_cos"] = out["mean_abs_cos_centred" if centred else "mean_abs_cos_plain"]
-        s.fill_diagonal_(0.0)
-        smin, smax = s.amin(dim=1), s.amax(dim=1)
-        adj = (s > tau).logical_or_(s < -tau)
-        s.fill_diagonal_(1.0)
-        out["share_pairs_above_tau"] = float(adj.sum()) / pairs
-        out["near_duplicate_fraction"] = float((torch.maximum(smax, -smin) > tau).sum()) / ck
-        comps = _components(adj.numpy())
-    else:
-        for k in ("mean_abs_cos_plain", "mean_abs_cos_centred", "mean_abs_cos", "share_pairs_above_tau"):
-            out[k] = nan
-        out["near_duplicate_fraction"] = 0.0
-        comps = 1
+        if ck >= 2:
+            cent_sum = float(np.abs(s_cent).sum())
+            out["mean_abs_cos_plain"] = (plain_sum - ck) / pairs
+            out["mean_abs_cos_centred"] = (cent_sum - ck) / pairs
+            out["mean_abs_cos"] = out["mean_abs_cos_centred" if centred else "mean_abs_cos_plain"]
+            np.fill_diagonal(s, 0.0)
+            adj = np.abs(s) > tau
+            np.fill_diagonal(s, 1.0)
+            out["share_pairs_above_tau"] = float(adj.sum()) / pairs
+            out["near_duplicate_fraction"] = float(adj.any(axis=1).sum()) / ck
+            comps = _components(adj)
+        else:
+            for k in ("mean_abs_cos_plain", "mean_abs_cos_centred", "mean_abs_cos", "share_pairs_above_tau"):
+                out[k] = nan
+            out["near_duplicate_fraction"] = 0.0
+            comps = 1
     out["distinct_channels"] = comps
     out["distinct_fraction"] = comps / ck
 
@@ -261,7 +251,7 @@ def _core(
     out["k95_ratio"] = spec["k95"] / ck
     if keep_matrix:
         assert show is not None
-        out["_sim"] = (s.numpy()[np.ix_(show, show)], kept_idx.numpy()[show])
+        out["_sim"] = (s[np.ix_(show, show)], kept_idx.numpy()[show])
     else:
         out["_sim"] = None
     return out
