@@ -305,7 +305,9 @@ def tap_maps(
                 ax.tick_params(labelsize=5)
             ax.set_title(f"{m.label}: {_tap_title(t)}", fontsize=5)
         r0 += -(-max(len(items), 1) // cols)
-    fig.suptitle("variant taps (true ranges; spatial maps bilinearly upsampled to the input crop)", fontsize=8)
+    # above the top row's two-line titles (the tight bounding box keeps it in the PNG)
+    fig.suptitle("variant taps (true ranges; spatial maps bilinearly upsampled to the input crop)", fontsize=8,
+                 y=1.0, va="bottom")
     return fig
 
 
