@@ -313,3 +313,17 @@ def test_wide_path_matches_dense_oracle(centred):
     ch = sim["channels"]
     assert sim["subsampled"] and ch[-1] == 20 and np.isnan(sim["matrix"][-1]).all()
     np.testing.assert_allclose(sim["matrix"][:-1, :-1], s[np.ix_(ch[:-1], ch[:-1])], atol=1e-12)
+
+
+def test_linear_cka_many_equals_linear_cka():
+    from viz.redundancy import linear_cka_many
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 6, 4, 4, generator=g)
+    ys = [torch.randn(2, 5, 4, 4, generator=g), x * 3 + 1, torch.randn(2, 9, 4, 4, generator=g)]
+    for mode in ("positions",):
+        got = linear_cka_many(x, ys, mode=mode)
+        assert got == [linear_cka(x, y, mode=mode) for y in ys] and got[1] == pytest.approx(1.0)
+    assert linear_cka_many(x, [], mode="positions") == []
+    with pytest.raises(ValueError, match="equal h×w"):
+        linear_cka_many(x, [torch.randn(2, 5, 3, 3)], mode="positions")

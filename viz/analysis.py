@@ -537,20 +537,21 @@ def analyze(
     cka: dict[str, dict[str, float]] = {}
     if redundancy and len(results) > 1:
         try:
-            from viz.redundancy import linear_cka
+            from viz.redundancy import linear_cka_many
 
             ref = results[0]
             for layer in chosen:
                 a = ref.record.activation(layer)
                 xa = a.permute(0, 2, 3, 1).reshape(-1, a.shape[1])
-                row = {}
+                labels, ys = [], []
                 for r in results[1:]:
                     b = r.record.activation(layer)
                     if b.shape[0] != a.shape[0] or b.shape[2:] != a.shape[2:]:
                         continue
-                    yb = b.permute(0, 2, 3, 1).reshape(-1, b.shape[1])
-                    row[r.label] = float(linear_cka(xa, yb))
-                cka[layer] = row
+                    labels.append(r.label)
+                    ys.append(b.permute(0, 2, 3, 1).reshape(-1, b.shape[1]))
+                # the reference's features and self-HSIC once per layer (same values as linear_cka)
+                cka[layer] = dict(zip(labels, linear_cka_many(xa, ys)))
         except Exception as e:
             for r in results:
                 r.errors["cka"] = f"{type(e).__name__}: {e}"

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController
 
 #: metric keys that are plain floats (or None), in display order; the charts use these names
 SCALAR_KEYS = (
@@ -102,6 +102,18 @@ def _components(adj: np.ndarray) -> int:
             visited |= nb
             frontier = np.nonzero(nb)[0]
     return comps
+
+
+_CONTROLLER: ThreadpoolController | None = None
+
+
+def threadpool_limits(limits: int, user_api: str = "blas") -> Any:
+    """``threadpoolctl.threadpool_limits`` through one module-level ``ThreadpoolController`` (made
+    on first use): building a controller scans the loaded libraries (~2 ms), a limit is cheap."""
+    global _CONTROLLER
+    if _CONTROLLER is None:
+        _CONTROLLER = ThreadpoolController()
+    return _CONTROLLER.limit(limits=limits, user_api=user_api)
 
 
 def _eigvalsh(g: torch.Tensor) -> np.ndarray:
@@ -653,6 +665,47 @@ def linear_cka(
     if den <= 0:
         return float("nan")
     return hxy / den
+
+
+def linear_cka_many(
+    x: torch.Tensor,
+    ys: Sequence[torch.Tensor],
+    *,
+    unbiased: bool = True,
+    mode: str = "images",
+) -> list[float]:
+    """``[linear_cka(x, y) for y in ys]`` with x's features and self-HSIC computed once.
+
+    Args:
+        x: N×C×h×w activations or an n×p feature matrix (one batch), e.g. the baseline's stage.
+        ys: the same examples at other sites / models.
+        unbiased, mode: see :func:`linear_cka`.
+
+    Returns:
+        One CKA per ``y``, bit-identical to :func:`linear_cka` (same HSIC terms).
+
+    Raises:
+        ValueError: as :func:`linear_cka`.
+    """
+    for y in ys:
+        _check_pair(x, y, mode)
+    fx = _features(x, mode)
+    if not ys:
+        return []
+    if unbiased and fx.shape[0] < 4:
+        raise ValueError(
+            f"the unbiased CKA estimator needs n >= 4 examples per batch, got n = {fx.shape[0]} "
+            f"(mode {mode!r}); use mode='positions' or more images"
+        )
+    hxx = _hsic_terms(fx, fx, unbiased)
+    out = []
+    for y in ys:
+        fy = _features(y, mode)
+        hxy = _hsic_terms(fx, fy, unbiased)
+        hyy = _hsic_terms(fy, fy, unbiased)
+        den = math.sqrt(hxx * hyy) if hxx > 0 and hyy > 0 else 0.0
+        out.append(float("nan") if den <= 0 else hxy / den)
+    return out
 
 
 def cka_matrix(
