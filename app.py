@@ -251,7 +251,37 @@ def raw_image(**kwargs: Any) -> gr.Image:
         return stock(payload)
 
     comp.preprocess = preprocess  # type: ignore[method-assign]
+
+    # A queued payload may name an http(s) URL as the file's path; Gradio then skips its "is this an
+    # uploaded file" check and downloads the URL (``ssrf_protected_download`` refuses private
+    # addresses, but public hosts are fetched, with no size cap). This app never fetches URLs:
+    # refuse them before Gradio moves the resource into its cache (both the async path used by
+    # queued events and the sync one used outside routes).
+    stock_async_move = comp.async_move_resource_to_block_cache
+    stock_move = comp.move_resource_to_block_cache
+
+    async def async_move_resource_to_block_cache(url_or_file_path: Any) -> Any:
+        _refuse_url(url_or_file_path)
+        return await stock_async_move(url_or_file_path)
+
+    def move_resource_to_block_cache(url_or_file_path: Any) -> Any:
+        _refuse_url(url_or_file_path)
+        return stock_move(url_or_file_path)
+
+    comp.async_move_resource_to_block_cache = async_move_resource_to_block_cache  # type: ignore[method-assign]
+    comp.move_resource_to_block_cache = move_resource_to_block_cache  # type: ignore[method-assign]
     return comp
+
+
+URL_REFUSED = "URLs are not fetched; upload the file instead."
+
+
+def _refuse_url(url_or_file_path: Any) -> None:
+    """Raise ``gr.Error`` when a payload names a URL instead of an uploaded file."""
+    from gradio_client.utils import is_http_url_like
+
+    if url_or_file_path is not None and is_http_url_like(str(url_or_file_path)):
+        raise gr.Error(URL_REFUSED, title="URL not accepted", print_exception=False)
 
 
 _CPU_OOM_MARKERS = ("can't allocate memory", "out of memory", "not enough memory")

@@ -198,3 +198,37 @@ def test_weights_resolution_refuses_traversal_absolute_and_symlinks(la: Launched
         assert isinstance(err, gr.Error)
         assert re.search(pattern, str(err.message)), (name, err.message)
     assert "link.pth" not in [v for _, v in app.weights_choices(la.cfg)]
+
+
+@pytest.mark.parametrize("url", ["https://public-host.invalid/x.jpg", "http://public-host.invalid/x.png"])
+def test_public_url_payload_is_not_fetched(la: LaunchedApp, url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A FileData whose path is a public URL skips Gradio's upload check; the image input refuses it
+    before Gradio's downloader runs (no fetch is attempted; the user reads why)."""
+    from gradio import processing_utils
+
+    calls: list[str] = []
+
+    async def fake_async_download(u, *a, **k):
+        calls.append(u)
+        raise AssertionError("the server tried to download a user-given URL")
+
+    def fake_download(u, *a, **k):
+        calls.append(u)
+        raise AssertionError("the server tried to download a user-given URL")
+
+    monkeypatch.setattr(processing_utils, "async_ssrf_protected_download", fake_async_download)
+    monkeypatch.setattr(processing_utils, "ssrf_protected_download", fake_download)
+    monkeypatch.setattr(processing_utils, "save_url_to_cache", fake_download)
+    api = la.client.view_api(print_info=False, return_format="dict")["named_endpoints"]["/analyze"]
+    defaults = [p.get("parameter_default") for p in api["parameters"]]
+    msg = _join(la, "analyze", [{"path": url, "meta": {"_type": "gradio.FileData"}}, *defaults[1:]])
+    assert calls == []
+    assert msg["success"] is False
+    assert "URLs are not fetched" in (msg.get("output") or {}).get("error", ""), msg
+    # the sync path (used outside routes, e.g. example caching) refuses too
+    import gradio as gr
+
+    image = next(b for b in la.demo.blocks.values() if getattr(b, "elem_id", None) == "input-image")
+    with pytest.raises(gr.Error, match="URLs are not fetched"):
+        image.move_resource_to_block_cache(url)
+    assert calls == []
