@@ -85,11 +85,29 @@ def weights_sentence(weights: Mapping[str, Any] | None) -> str:
     return f"{desc}" + (f" (sha256 {str(sha)[:12]}…)" if sha else "")
 
 
+#: plain words for the optional analysis phases that can fail (``ModelResult.errors`` keys)
+_PHASE_WORDS: dict[str, str] = {
+    "gradcam": "Grad-CAM",
+    "fuse": "ACB fusion check",
+    "redundancy": "redundancy metrics",
+    "erf": "effective receptive field",
+    "theoretical_rf": "theoretical receptive field",
+    "profile": "cost profile",
+    "cka": "CKA similarity",
+}
+
+
+def _short(message: Any, limit: int = 200) -> str:
+    text = " ".join(str(message).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def banners(report: Mapping[str, Any]) -> list[tuple[str, str]]:
     """Warnings the user must see at a glance: ``[(level, text)]`` with level ``"warn"`` or ``"info"``.
 
     - backbone weights random: every model is untrained;
     - a variant with initialised-only sites: perturbed network, not trained (offer Calibrate);
+    - an optional phase that failed for a model (``errors``): its panel is empty or partial;
     - a variant that swapped nothing: it is identical to the baseline here.
     """
     out: list[tuple[str, str]] = []
@@ -105,6 +123,13 @@ def banners(report: Mapping[str, Any]) -> list[tuple[str, str]]:
             out.append(("warn", f"{variant}: {n_init} of {len(prov)} swapped sites are only initialised — "
                                 "perturbed network, not trained. Use Calibrate to distil them from the original "
                                 "convs, or load trained weights."))
+        errors = m.get("errors") or {}
+        if errors:
+            parts = "; ".join(f"{_PHASE_WORDS.get(str(k).split('/')[0], str(k))}"
+                              f"{' at ' + str(k).split('/', 1)[1] if '/' in str(k) else ''}: {_short(v)}"
+                              for k, v in errors.items())
+            out.append(("warn", f"{variant}: some panels could not be computed, so they are empty or partial "
+                                f"for this model — {parts}"))
         if m.get("variant") != "conv" and not m.get("swapped"):
             out.append(("info", f"{variant}: no site could take this variant on this backbone, so the column "
                                 "equals the baseline (reasons in Overview → swap report)."))
@@ -161,9 +186,17 @@ def model_card_html(m: Mapping[str, Any]) -> str:
                         for s in swapped)
         swapped_html = f"<details><summary>{len(swapped)} swapped</summary><ul>{items}</ul></details>"
     lat = m.get("latency_ms")
+    errors = m.get("errors") or {}
+    errors_html = ""
+    if errors:
+        items = "".join(f"<li>{html.escape(_PHASE_WORDS.get(str(k).split('/')[0], str(k)))}"
+                        f"{html.escape(' at ' + str(k).split('/', 1)[1]) if '/' in str(k) else ''}: "
+                        f"{html.escape(_short(v))}</li>" for k, v in errors.items())
+        errors_html = (f'<div class="pc-banner pc-warn pc-errors">Not computed for this model:'
+                       f"<ul>{items}</ul></div>")
     return (
         f'<div class="pc-card"><div class="pc-card-head">{label}</div>'
-        f'<div class="pc-badges">{badges}</div>'
+        f'<div class="pc-badges">{badges}</div>{errors_html}'
         f'<div class="pc-section">Top-5</div>{_top5_html(m.get("top5") or [])}'
         f'<div class="pc-section">Cost</div>'
         f'<table class="pc-cost"><tr><td>params</td><td>{human(m.get("params"))}</td></tr>'

@@ -1,0 +1,63 @@
+"""Overview panels: per-model analysis errors are shown, not silently dropped; the Overview follows
+latency measured later in the Profile tab; the theoretical-RF text keeps the library's label."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import app  # noqa: E402
+from viz import ui  # noqa: E402
+
+PHOTO = ROOT / "assets" / "chelsea.jpg"
+
+
+@pytest.fixture(scope="module")
+def cfg(tmp_path_factory) -> app.AppConfig:
+    root = tmp_path_factory.mktemp("panels")
+    (root / "weights").mkdir()
+    return app.AppConfig(backbones=("resnet18",), default_backbone="resnet18", default_weights="random",
+                         default_variants=("conv",), input_size=64, weights_dir=root / "weights",
+                         erf=False, redundancy=False, profile=False, examples=(),
+                         profile_repeats=2, profile_warmup=1)
+
+
+def test_banners_and_cards_show_model_errors() -> None:
+    report = {"weights": {"source": "torchvision"}, "models": [
+        {"label": "conv", "variant": "conv", "errors": {}},
+        {"label": "scconv", "variant": "scconv", "swapped": ["layer1.0.conv1"],
+         "provenance": {"layer1.0.conv1": "exact"},
+         "errors": {"redundancy": "RuntimeError: <boom>", "gradcam/layer4": "no gradient"}},
+    ]}
+    items = ui.banners(report)
+    warn = [t for lvl, t in items if lvl == "warn" and "could not be computed" in t]
+    assert len(warn) == 1 and warn[0].startswith("scconv:")
+    assert "redundancy metrics: RuntimeError" in warn[0] and "Grad-CAM at layer4: no gradient" in warn[0]
+    html = ui.banners_html(report)
+    assert "&lt;boom&gt;" in html and "<boom>" not in html  # escaped
+    card = ui.model_card_html(report["models"][1])
+    assert "pc-errors" in card and "redundancy metrics" in card
+    assert "pc-errors" not in ui.model_card_html(report["models"][0])
+
+
+def test_analysis_error_reaches_the_banner(cfg, monkeypatch, tmp_path) -> None:
+    """An optional phase that fails inside viz.analysis shows up in the page's banners and card."""
+    import viz.redundancy
+
+    def boom(*_a, **_k):
+        raise RuntimeError("synthetic redundancy failure")
+
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gr"))
+    monkeypatch.setattr(viz.redundancy, "redundancy_metrics", boom)
+    c = dataclasses.replace(cfg, redundancy=True)
+    out = dict(zip(app.ANALYZE_OUTPUTS, app.analyze_panels(
+        c, str(PHOTO), "resnet18", "random", ["conv"], app.preset_choices("resnet18")[0], app.ALL_STAGES,
+        next(iter(app.SCALE_MODES)), "cpu")))
+    assert "synthetic redundancy failure" in out["banners"]
+    assert "synthetic redundancy failure" in out["overview"]
