@@ -34,13 +34,16 @@ except ImportError:  # pragma: no cover - the normal case off Spaces
 import collections
 import contextlib
 import dataclasses
+import gc
 import html
 import json
+import logging
 import os
 import shutil
 import tempfile
 import threading
 import time
+import traceback
 import weakref
 from collections.abc import Callable, Hashable, Sequence
 from pathlib import Path
@@ -49,6 +52,8 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 import torch
+
+logger = logging.getLogger("plugconv.app")
 
 APP_DIR = Path(__file__).resolve().parent
 ASSETS_DIR = APP_DIR / "assets"
@@ -305,13 +310,35 @@ def user_errors() -> tuple[type[BaseException], ...]:
     return (ImageError, WeightsError, BackboneUnavailable, ValueError, KeyError, torch.OutOfMemoryError)
 
 
+def _drop_frames(e: BaseException | None) -> None:
+    """Clear the locals of the finished frames in ``e``'s traceback (and its causes') and detach the
+    traceback, so the activations and gradients those frames held can be freed."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if e.__traceback__ is not None:
+            traceback.clear_frames(e.__traceback__)  # frames still executing are skipped
+            e.__traceback__ = None
+        e = e.__cause__ or e.__context__
+
+
+def release_memory(e: BaseException | None = None) -> None:
+    """After an out-of-memory failure: log it, drop the traceback frames that keep the failed pass's
+    tensors alive, collect, then return cached CUDA blocks to the driver (when CUDA is present)."""
+    if e is not None:
+        logger.warning("out of memory while running the models: %s", _message(e).splitlines()[0][:300])
+        _drop_frames(e)
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def to_gr_error(e: BaseException) -> gr.Error:
     """The ``gr.Error`` shown for a user-caused failure (out of memory gets advice and a cache flush)."""
     if isinstance(e, gr.Error):
         return e
     if _is_oom(e):
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        release_memory(e)
         return gr.Error("Out of memory while running the models: choose fewer variants, a smaller backbone or "
                         "the CPU device, then try again.", title="Out of memory")
     from plugconv.backbones import BackboneUnavailable
@@ -328,7 +355,11 @@ class _UserErrors:
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         if exc is not None and not isinstance(exc, gr.Error) and (isinstance(exc, user_errors()) or _is_oom(exc)):
-            raise to_gr_error(exc) from exc
+            err = to_gr_error(exc)
+            # ``from None``: the user sees only the message; with an out-of-memory error its
+            # frames were already cleared (the tensors they held are free before the next request)
+            del exc, tb
+            raise err from None
         return False
 
 
