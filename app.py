@@ -177,12 +177,16 @@ class LRUCache:
                     return self._data[key]
             try:
                 value = factory()
-            finally:
+            except BaseException:
                 with self._lock:
                     self._building.pop(key, None)
+                raise
+            # insert and retire the build lock in one critical section: a caller arriving in
+            # between would otherwise find neither the value nor the lock and build it again
             with self._lock:
                 self._data[key] = value
                 self._data.move_to_end(key)
+                self._building.pop(key, None)
                 while len(self._data) > self.maxsize:
                     self._data.popitem(last=False)
             return value
