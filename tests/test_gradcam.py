@@ -86,3 +86,42 @@ def test_degenerate_maps_are_labelled_not_stretched():
     assert lim.vmax > 0 and lim.vmax < 1e-9  # guarded, not a division by zero
     assert lim.status.startswith("all values ≤ 0")
     assert "all values ≤ 0" in lim.legend()
+
+
+@pytest.fixture(scope="module")
+def tiny_backbone():
+    from plugconv.backbones import Backbone, WeightsInfo
+
+    torch.manual_seed(0)
+    net = resnet18(num_classes=10).eval()
+    return Backbone("resnet18", net, 64, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225),
+                    tuple(f"c{i}" for i in range(10)), WeightsInfo("random", None, None, "test"),
+                    torch.device("cpu"))
+
+
+@pytest.mark.parametrize("variant", ["acb", "selfcal"])
+def test_gradcam_at_a_swapped_site_matches_captum(tiny_backbone, variant):
+    """ACB / selfcal absorb the block's BN, so torchvision's ``out += identity`` edits the site's
+    output in place: the recorder must hand the forward a copy and give the site a gradient."""
+    captum_attr = pytest.importorskip("captum.attr")
+    from PIL import Image
+
+    from viz.analysis import analyze, prepare_inputs
+    from viz.models import prepare_model
+
+    site = "layer3.0.conv2"
+    entry = prepare_model(tiny_backbone, variant)
+    assert site in entry.swap.swapped
+    torch.manual_seed(4)
+    img = Image.fromarray((torch.rand(64, 64, 3) * 255).byte().numpy())
+    layers = ["layer3", site, "layer4"]
+    a = analyze([img], tiny_backbone, [entry], layers=layers, erf=False, redundancy=False, profile=False)
+    res = a.models[0]
+    assert set(res.cams) == set(layers) and not res.errors
+    assert not any(site in n for n in res.record.notes)
+    x, _ = prepare_inputs([img], tiny_backbone)
+    target = res.record.targets[0]
+    for layer in (site, "layer3"):
+        oracle = captum_attr.LayerGradCam(entry.model, entry.model.get_submodule(layer)).attribute(x, target=target)
+        ref = oracle[:, 0].detach()
+        torch.testing.assert_close(res.cams[layer].raw, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))

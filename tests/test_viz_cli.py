@@ -126,3 +126,17 @@ def test_report_html_opens_offline_without_errors(resnet_report):
     assert n_plots >= 3 and n_rendered == n_plots
     assert imgs_ok
     assert all(u.startswith(("file:", "data:", "about:")) for u in requests), requests
+
+
+def test_analysis_runtime_error_is_one_line_exit_1(tmp_path, capsys, monkeypatch):
+    import viz.analysis
+
+    def boom(*a, **k):
+        raise RuntimeError("activation of layer3.0.conv2[0] was modified in place\nsecond line")
+
+    monkeypatch.setattr(viz.analysis, "analyze", boom)
+    rc = main(["analyze", str(PHOTO), "--backbone", "resnet18", "--weights", "random", "--variants", "conv",
+               "--out", str(tmp_path / "o"), "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and err.startswith("error: analysis failed (resnet18") and "layer3.0.conv2" in err
+    assert "\n" not in err and not (tmp_path / "o" / "report.json").exists()

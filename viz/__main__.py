@@ -7,7 +7,9 @@ Examples::
     python -m viz profile --backbone resnet50 --variants conv,acb --input-size 224 --json
 
 Errors a user can cause (bad image, unknown backbone / variant / preset / layer, unavailable
-weights) print one line ``error: ...`` to stderr and exit with status 2.
+weights) print one line ``error: ...`` to stderr and exit with status 2. A failure inside the
+analysis itself (a ``RuntimeError`` from torch or the recorder, e.g. an activation modified in
+place) prints one line ``error: analysis failed: ...`` and exits with status 1.
 """
 
 from __future__ import annotations
@@ -80,6 +82,10 @@ class UsageError(Exception):
     """A user-caused problem: printed as one line, exit status 2."""
 
 
+class AnalysisError(Exception):
+    """The analysis itself failed (torch / recorder ``RuntimeError``): one line, exit status 1."""
+
+
 def _backbone(name: str, weights: str, device: str):
     from plugconv.backbones import load_backbone
 
@@ -128,6 +134,9 @@ def cmd_analyze(args: argparse.Namespace) -> int:
                     latency=not args.no_latency, erf_layer=args.erf_layer, progress=progress)
     except (KeyError, ValueError) as e:
         raise UsageError(str(e).strip("'\"")) from e
+    except RuntimeError as e:
+        raise AnalysisError(f"analysis failed ({args.backbone}, variants {args.variants}, layers "
+                            f"{args.layers or 'default'}): {e}") from e
     path = write_report(a, args.out, mode=args.mode)
     for m in a.models:
         if not m.swap.get("swapped") and m.variant != "conv":
@@ -186,6 +195,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         msg = " ".join(str(e).split())
         print(f"error: {msg}", file=sys.stderr)
         return 2
+    except AnalysisError as e:
+        msg = " ".join(str(e).split())
+        print(f"error: {msg}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

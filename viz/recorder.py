@@ -9,16 +9,22 @@ Usage::
 Hygiene (analysis.md §6):
 
 - Hooks are registered in ``__enter__`` (an ``ExitStack`` of ``RemovableHandle``) and removed in
-  ``__exit__`` even when the forward raises; they only observe (return ``None``), so the logits
-  are bit-identical with and without recording.
+  ``__exit__`` even when the forward raises. A recorded layer's hook keeps the module's output and
+  hands the rest of the forward ``out.clone()`` (same values; not for outputs that alias the
+  input, see below), so the logits are bit-identical with
+  and without recording, and an in-place op downstream (``ReLU(inplace=True)``, torchvision's
+  ``out += identity`` after a swapped site that absorbed its BN) edits the copy, not the saved
+  tensor, which therefore gets a correct gradient. Tap hooks only observe (return ``None``).
 - Gradients come from one ``torch.autograd.grad(score, saved_activations)`` call; no module
   backward hooks, no weight gradients. When nothing upstream requires grad (frozen analysis
   copy, plain input), the first recorded activation is made a graph leaf
   (``requires_grad_()``, values untouched), so no graph is built for the stem.
-- In-place ops: every saved tensor's version counter is checked in :meth:`Recorder.finish`; a
-  tensor modified in place after its hook ran (``ReLU(inplace=True)``, ``out += identity``) is
-  refused with a message naming the layer, unless ``clone=True`` (then its value is a clone taken
-  in the hook and its gradient is ``None``, noted in ``Record.notes``).
+- In-place ops: every saved tensor's version counter is still checked in :meth:`Recorder.finish`.
+  An output that shares storage with the module's input (``return x``, a view, an in-place ReLU)
+  is handed on uncloned, because the caller may hold and edit that tensor and a copy would change
+  the forward; if it is then modified in place it is refused with a message naming the layer,
+  unless ``clone=True`` (then its value is a copy taken in the hook and its gradient is ``None``,
+  noted in ``Record.notes``).
 - Reused modules (torchvision ``Bottleneck.relu`` runs three times per block) are recorded per
   call: keys are ``(name, call_index)``.
 - :meth:`Recorder.finish` detaches and moves everything to CPU and drops the graph; a
@@ -147,6 +153,25 @@ def _enclosing_variant(name: str, modules: dict[str, nn.Module]) -> tuple[str, s
     return "", ""
 
 
+def _aliases_input(out: torch.Tensor, inp: Any) -> bool:
+    """True when ``out`` shares storage with a positional tensor input (``return x``, a view of
+    ``x``, ``ReLU(inplace=True)``)."""
+    try:
+        ptr = out.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # tensors without storage (e.g. meta, sparse)
+        return False
+    for t in inp if isinstance(inp, (tuple, list)) else (inp,):
+        if isinstance(t, torch.Tensor) and t is not out:
+            try:
+                if t.untyped_storage().data_ptr() == ptr:
+                    return True
+            except (RuntimeError, NotImplementedError):
+                continue
+        elif t is out:
+            return True
+    return False
+
+
 class Recorder:
     """Context manager that records one forward (and, in :meth:`finish`, one backward) of a model.
 
@@ -156,10 +181,12 @@ class Recorder:
             None: the stage outputs (:func:`viz.models.default_layers`: ResNet ``layer1..4``, timm
             ``blocks.i``) plus every swapped site (each ``ConvVariant`` module).
         taps: fnmatch pattern(s) over ``Tap`` module paths to record (``"*"`` all, None none).
-        clone: allow layers whose output is modified in place later in the forward (their value is
-            cloned in the hook and they get no gradient); False refuses them in ``finish``. None
-            (default): True when ``layers`` is None (a swapped site that absorbed its BN feeds
-            torchvision's ``out += identity``), else False.
+        clone: allow layers whose saved output is still modified in place later (only possible
+            when the output aliases a tensor the caller edits, e.g. a module that returns its
+            input): their value is copied in the hook and they get no gradient; False (default)
+            refuses them in ``finish``. In-place ops on the output itself downstream (``out +=
+            identity``, ``ReLU(inplace=True)``) need no option: they run on the clone the hook
+            returns.
         output_fn: maps the model output to N×K logits (tuples / dicts; see
             :func:`default_output_fn`).
 
@@ -173,7 +200,7 @@ class Recorder:
         layers: Sequence[str] | None = None,
         taps: str | Sequence[str] | None = "*",
         *,
-        clone: bool | None = None,
+        clone: bool = False,
         output_fn: Callable[[Any], torch.Tensor] = default_output_fn,
     ) -> None:
         self.model = model
@@ -183,7 +210,6 @@ class Recorder:
 
             sites = [n for n, m in modules.items() if isinstance(m, ConvVariant) and not _enclosing_variant(n, modules)[0]]
             layers = list(dict.fromkeys([*default_layers(model), *sites]))
-            clone = True if clone is None else clone
         self.layers = tuple(layers)
         missing = [n for n in self.layers if n not in modules]
         if missing:
@@ -206,8 +232,8 @@ class Recorder:
         self._logits: torch.Tensor | None = None
 
     # -- hooks -----------------------------------------------------------------------------
-    def _layer_hook(self, name: str) -> Callable[..., None]:
-        def hook(mod: nn.Module, inp: Any, out: Any) -> None:
+    def _layer_hook(self, name: str) -> Callable[..., torch.Tensor]:
+        def hook(mod: nn.Module, inp: Any, out: Any) -> torch.Tensor:
             if not isinstance(out, torch.Tensor):
                 raise TypeError(f"layer {name!r} returned {type(out).__name__}, not a tensor; "
                                 "record a module that returns a tensor")
@@ -221,7 +247,15 @@ class Recorder:
             self._versions[key] = out._version
             if self.clone:
                 self._clones[key] = out.detach().clone()
-            return None
+            if _aliases_input(out, inp):
+                # the caller may hold (and edit) this very tensor: handing on a copy would change
+                # the forward; leave it, and finish() checks its version counter
+                return out
+            # a fresh output: the rest of the forward runs on a copy (same values, so the logits
+            # are bit-identical); an in-place op downstream (torchvision's `out += identity`
+            # after a site that absorbed its BN, ReLU(inplace=True)) edits the copy, never the
+            # saved tensor, whose gradient flows back through CloneBackward unchanged
+            return out.clone()
 
         return hook
 
@@ -376,11 +410,15 @@ class Recorder:
         if modified and not self.clone:
             names = ", ".join(f"{n}[{c}]" for n, c in modified)
             raise RuntimeError(
-                f"activation of {names} was modified in place after it was recorded (an in-place op "
-                "such as ReLU(inplace=True) or `out += identity` follows it); use prepare_model()'s "
-                "analysis copy, record another layer, or Recorder(clone=True)")
+                f"activation of {names} was modified in place after it was recorded: the module "
+                "returns its input (or a view of it, e.g. ReLU(inplace=True), Identity) and that "
+                "tensor is edited in place later in the forward, so the recorder cannot hand on a copy "
+                "without changing the model; record the module that produces the tensor "
+                "(prepare_model()'s analysis copy turns in-place ReLUs off), or use Recorder(clone=True) "
+                "to keep its value without a gradient")
         for key in modified:
-            notes.append(f"{key[0]}[{key[1]}] is modified in place later in the forward: value cloned, no gradient")
+            notes.append(f"{key[0]}[{key[1]}] is modified in place later in the forward (aliased output): "
+                         "value copied in the hook, no gradient")
         grads: dict[Key, torch.Tensor | None] = {key: None for key in self._acts}
         keys = [key for key, t in self._acts.items() if key not in modified and t.requires_grad] if gradients else []
         # ERF first, keeping the graph for the Grad-CAM call that follows
