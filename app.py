@@ -1096,6 +1096,44 @@ def profile_panels(cfg: AppConfig, backbone: str, weights: str, variants: Sequen
     return (status, *profile_charts(profiles), profile_frame(profiles))
 
 
+def refresh_overview(cfg: AppConfig, report_id: str | None, backbone: str, weights: str,
+                     variants: Sequence[str] | str, preset: str, device: str, use_calibrated: bool = True) -> tuple:
+    """After the Profile tab has timed the models: the Overview cards and summary table of the last
+    analysis again, with the latency now cached for its models (no pass is run: params, FLOPs and
+    any measured latency come from the cost cache).
+
+    Only models of the kept analysis whose label, backbone, weights, device and input size match
+    the current controls take the new numbers; with nothing to update both outputs are skipped.
+
+    Returns:
+        ``(overview HTML, summary DataFrame)`` or ``(gr.skip(), gr.skip())``.
+    """
+    from viz import ui
+
+    kept = REPORTS.peek(report_id) if report_id else None
+    if kept is None:
+        return gr.skip(), gr.skip()
+    analysis = kept[0]
+    with _UserErrors():
+        bb = get_backbone(cfg, backbone, weights, device)
+    same = (analysis.backbone == bb.name and analysis.input_size == int(bb.input_size)
+            and str(analysis.device) == str(bb.device)
+            and (not analysis.weights or not hasattr(bb.weights, "to_dict") or analysis.weights == bb.weights.to_dict()))
+    if not same:
+        return gr.skip(), gr.skip()
+    profiles = profile_core(cfg, backbone, weights, variants, preset, device, use_calibrated, None, latency=False)
+    changed = False
+    for m in analysis.models:
+        p = profiles.get(m.label)
+        if p is not None and p.get("latency") and m.cost is not p:
+            m.cost = p
+            changed = True
+    if not changed:
+        return gr.skip(), gr.skip()
+    report = analysis.to_dict()
+    return ui.overview_html(report), ui.summary_frame(report)
+
+
 def calibrate_panel(cfg: AppConfig, backbone: str, weights: str, variants: Sequence[str] | str, preset: str,
                     device: str, progress: Any = None) -> tuple[str, list[dict[str, Any]]]:
     """The ``/calibrate`` endpoint: a plain-words summary and the reports."""
@@ -1265,6 +1303,9 @@ def build_demo(config: AppConfig | None = None) -> gr.Blocks:
             return profile_panels(cfg, backbone_v, weights_v, variants_v, preset_v, device_v, use_cal_v,
                                   progress=progress, measure_latency=False)
 
+        def on_refresh_overview(rid, backbone_v, weights_v, variants_v, preset_v, device_v, use_cal_v):
+            return refresh_overview(cfg, rid, backbone_v, weights_v, variants_v, preset_v, device_v, use_cal_v)
+
         def on_downloads(rid):
             return prepare_downloads(rid)
 
@@ -1289,6 +1330,12 @@ def build_demo(config: AppConfig | None = None) -> gr.Blocks:
             [profile_btn.click, profile_tab.select], on_profile, prof_inputs, prof_outputs,
             api_name="profile", concurrency_id="model", concurrency_limit=cfg.concurrency_limit,
             trigger_mode="always_last", show_progress="minimal",
+        )
+        # latency is timed in the Profile tab: the Overview cards and summary follow (cost cache only)
+        prof_event.success(
+            on_refresh_overview, [report_id, *prof_inputs], [overview, summary], api_name="refresh_overview",
+            api_visibility="private", concurrency_id="model", concurrency_limit=cfg.concurrency_limit,
+            show_progress="hidden",
         )
         change_event = gr.on(
             [device.change, variants_box.change], on_choice_change, prof_inputs, prof_outputs,

@@ -61,3 +61,27 @@ def test_analysis_error_reaches_the_banner(cfg, monkeypatch, tmp_path) -> None:
         next(iter(app.SCALE_MODES)), "cpu")))
     assert "synthetic redundancy failure" in out["banners"]
     assert "synthetic redundancy failure" in out["overview"]
+
+
+def test_overview_follows_latency_measured_in_the_profile_tab(cfg, monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gr"))
+    preset = app.preset_choices("resnet18")[0]
+    app.MODELS.clear()
+    out = dict(zip(app.ANALYZE_OUTPUTS, app.analyze_panels(
+        cfg, str(PHOTO), "resnet18", "random", ["conv"], preset, app.ALL_STAGES, next(iter(app.SCALE_MODES)), "cpu")))
+    assert "not measured yet" in out["overview"]
+    # nothing measured yet: nothing to update
+    skipped = app.refresh_overview(cfg, out["report_id"], "resnet18", "random", ["conv"], preset, "cpu")
+    assert all(not isinstance(x, str) for x in skipped)
+    app.profile_panels(cfg, "resnet18", "random", ["conv"], preset, "cpu")
+    overview, summary = app.refresh_overview(cfg, out["report_id"], "resnet18", "random", ["conv"], preset, "cpu")
+    assert "not measured yet" not in overview and " ms</td>" in overview
+    assert summary["latency (ms)"].notna().all()
+    # the page chains it after the Profile event
+    demo = app.build_demo(cfg)
+    deps = demo.get_config_file()["dependencies"]
+    prof = next(d for d in deps if d.get("api_name") == "profile")
+    ref = next(d for d in deps if d.get("api_name") == "refresh_overview")
+    assert ref["trigger_after"] == prof["id"] and ref["trigger_only_on_success"]
+    overview_id = next(b._id for b in demo.blocks.values() if getattr(b, "elem_id", None) == "overview")
+    assert overview_id in ref["outputs"]
