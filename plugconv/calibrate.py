@@ -9,8 +9,9 @@ without labels:
    copy of the teacher capture the INPUT x of every calibrated site and the teacher's output there,
    t(x) = conv(x) (or BN(conv(x)) for variants that absorb the BN the probe paired with the
    conv). Given the teacher's inputs the sites are independent, so all of them are fitted in one
-   loop over mini-batches with Adam on the relative error ‖s(x) − t(x)‖² / ‖t(x)‖² (summed over
-   sites; each site only sees its own term's gradient). The student runs in eval mode, so what is
+   loop over mini-batches with Adam on the *squared* relative error ‖s(x) − t(x)‖² / ‖t(x)‖²
+   (summed over sites; each site only sees its own term's gradient; the square is the smooth
+   training loss, the report gives the norm ratio). The student runs in eval mode, so what is
    fitted is exactly the function the app later shows; BatchNorms inside a variant that were never
    used (running stats still 0/1) first get their statistics estimated on the captured inputs.
 2. **End-to-end logit distillation** (optional, ``e2e_steps``): the swapped sites, and only they,
@@ -18,8 +19,9 @@ without labels:
    temperature T, scaled by T²).
 
 The report gives, on held-out crops (a separate augmentation stream of the same photos), the
-per-site relative error and the whole-model top-1 agreement and KL divergence with the teacher,
-before and after. ``calibrate_cached`` stores calibrated site weights as safetensors (with a JSON
+per-site relative error ‖s(x) − t(x)‖ / ‖t(x)‖ (norm ratio, Frobenius norms over the whole held-out
+set; its square is reported too) and the whole-model top-1 agreement and KL divergence with the
+teacher, before and after. ``calibrate_cached`` stores calibrated site weights as safetensors (with a JSON
 metadata record in the header) keyed by backbone, weights, variant, options, sites, image set and
 calibration options, so each configuration is calibrated once.
 
@@ -60,8 +62,11 @@ from plugconv.surgery import SwapResult, probe_sites
 
 ProgressFn = Callable[[float, str], None]
 
-#: format tag written into every calibration file
-FORMAT = "plugconv-calibration/1"
+#: format tag written into every calibration file (/2: per-site ``error_*`` is the norm ratio
+#: ‖s − t‖ / ‖t‖; /1 files stored the squared ratio there and are converted when read)
+FORMAT = "plugconv-calibration/2"
+#: older format tags ``read_calibration`` still accepts (their report is converted)
+OLD_FORMATS = ("plugconv-calibration/1",)
 #: safetensors header key that holds the JSON metadata record
 META_KEY = "plugconv_calibration"
 #: provenance statuses that calibration (re)fits by default
@@ -90,16 +95,22 @@ DEFAULTS: dict[str, Any] = {
 class SiteCalibration:
     """Relative reconstruction error of one site on the held-out crops.
 
+    The norms are Frobenius norms over all held-out crops together (every output element of the
+    site), so the error is ‖S − T‖ / ‖T‖ for the stacked outputs S of the student site and T of the
+    teacher site.
+
     Attributes:
         site: module path of the swapped conv.
-        error_before: ‖s(x) − t(x)‖² / ‖t(x)‖² before calibration (≥ 0; 1.0 is as bad as
-            predicting zeros).
+        error_before: relative error ‖s(x) − t(x)‖ / ‖t(x)‖ before calibration (≥ 0; 1.0 is as
+            bad as predicting zeros; 0.1 means the residual has a tenth of the target's norm).
         error_after: the same after calibration.
         bn: module path of the teacher BN included in the target (absorbing variants), or None.
         calibrated: False when the layer-wise fit ended with a larger error on the training crops
             than the site started with (too few steps); the site then keeps its initial parameters
             and its provenance (only checked without the end-to-end phase, which trades per-site
             error for model-level agreement on purpose).
+        sq_error_before, sq_error_after: the squared ratio ‖s(x) − t(x)‖² / ‖t(x)‖² (the
+            quantity the layer-wise phase minimises), i.e. ``error_*`` squared.
     """
 
     site: str
@@ -107,6 +118,8 @@ class SiteCalibration:
     error_after: float
     bn: str | None = None
     calibrated: bool = True
+    sq_error_before: float | None = None
+    sq_error_after: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
@@ -238,8 +251,15 @@ def _bn_eval(bn: nn.Module, y: torch.Tensor) -> torch.Tensor:
     return F.batch_norm(y, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
 
 
-def _rel_error(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+def _sq_rel_error(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Squared relative error ‖s − t‖² / ‖t‖² (the smooth training loss of the layer-wise phase)."""
     return (s - t).pow(2).sum() / t.pow(2).sum().clamp_min(1e-12)
+
+
+def rel_error(s: torch.Tensor, t: torch.Tensor) -> float:
+    """Relative error ‖s − t‖ / ‖t‖ (Frobenius norms over all elements, in float64), as reported."""
+    d = (s.detach().double() - t.detach().double()).pow(2).sum()
+    return math.sqrt(float(d / t.detach().double().pow(2).sum().clamp_min(1e-30)))
 
 
 def _kl(t_logits: torch.Tensor, s_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -367,6 +387,7 @@ def _site_errors(
     student: nn.Module, sites: Sequence[str], xs: Mapping[str, torch.Tensor], ts: Mapping[str, torch.Tensor],
     batch_size: int,
 ) -> dict[str, float]:
+    """Per site, the SQUARED relative error ‖S − T‖² / ‖T‖² over all crops (sqrt for the report)."""
     out = {}
     for s in sites:
         mod = student.get_submodule(s)
@@ -555,7 +576,7 @@ def calibrate(
                     idx = order[pos : pos + batch_size].to(dev)
                     pos += batch_size
                     opt.zero_grad(set_to_none=True)
-                    losses = [_rel_error(mod(tr_in[s][idx]), tr_tg[s][idx]) for s, mod in site_mods.items()]
+                    losses = [_sq_rel_error(mod(tr_in[s][idx]), tr_tg[s][idx]) for s, mod in site_mods.items()]
                     loss = torch.stack(losses).sum()
                     if not torch.isfinite(loss):
                         bad = [s for s, v in zip(site_mods, losses) if not torch.isfinite(v)]
@@ -569,7 +590,7 @@ def calibrate(
                         report(
                             0.1 + (fit_span - 0.1) * (step + 1) / steps,
                             f"fitting sites: step {step + 1}/{steps}, "
-                            f"mean relative error {float(loss.detach()) / len(losses):.4f}",
+                            f"mean squared relative error {float(loss.detach()) / len(losses):.4f}",
                         )
             if e2e_steps and params:
                 opt = torch.optim.Adam(_param_groups(params, e2e_lr, vector_lr_mult))
@@ -621,7 +642,11 @@ def calibrate(
     return CalibrationReport(
         variant=student.variant,
         sites=tuple(
-            SiteCalibration(s, err_before[s], err_after[s], bns.get(s), s not in reverted) for s in chosen
+            SiteCalibration(
+                s, math.sqrt(err_before[s]), math.sqrt(err_after[s]), bns.get(s), s not in reverted,
+                sq_error_before=err_before[s], sq_error_after=err_after[s],
+            )
+            for s in chosen
         ),
         agreement_before=agree_before,
         agreement_after=agree_after,
@@ -768,9 +793,31 @@ def read_calibration(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
         record = json.loads(meta[META_KEY])
     except json.JSONDecodeError as e:
         raise ValueError(f"calibration file {str(p)!r} has a corrupt metadata record: {e}") from e
+    if record.get("format") in OLD_FORMATS:
+        record = _upgrade_record(record)
     if record.get("format") != FORMAT:
         raise ValueError(f"calibration file {str(p)!r} has format {record.get('format')!r}, expected {FORMAT!r}")
     return state, record
+
+
+def _upgrade_record(record: dict[str, Any]) -> dict[str, Any]:
+    """A /1 record (per-site ``error_*`` held the squared ratio) in the current format."""
+    rec = dict(record)
+    report = dict(rec.get("report") or {})
+    sites = []
+    for s in report.get("sites", []):
+        s = dict(s)
+        if "sq_error_before" not in s:
+            for k in ("before", "after"):
+                sq = float(s[f"error_{k}"])
+                s[f"sq_error_{k}"] = sq
+                s[f"error_{k}"] = math.sqrt(max(sq, 0.0))
+        sites.append(s)
+    if report:
+        report["sites"] = sites
+        rec["report"] = report
+    rec["format"] = FORMAT
+    return rec
 
 
 def apply_calibration(swap: SwapResult, path: str | Path) -> CalibrationReport:
