@@ -57,6 +57,7 @@ __all__ = [
     "default_backbone_name",
     "list_backbones",
     "load_backbone",
+    "load_backbone_or_fallback",
     "resolve_device",
 ]
 
@@ -558,3 +559,44 @@ def choose_default_backbone(preferred: str = "resnet50") -> tuple[str, str | Non
 def default_backbone_name(preferred: str = "resnet50") -> str:
     """``preferred`` when its default weights are cached, else ``DEFAULT_OFFLINE_BACKBONE``."""
     return choose_default_backbone(preferred)[0]
+
+
+def load_backbone_or_fallback(
+    name: str,
+    *,
+    weights: str | os.PathLike[str] = "default",
+    device: str | torch.device = "auto",
+    weights_dir: str | os.PathLike[str] | None = None,
+    fallback: bool = True,
+) -> tuple[Backbone, str | None]:
+    """``load_backbone``, falling back to the bundled offline model when default weights are unavailable.
+
+    Only ``weights="default"`` for a torchvision backbone falls back (its weights may simply not be
+    cached on an offline machine); ``"random"`` and explicit files stay strict, so a bad or missing
+    file is still an error.
+
+    Returns:
+        ``(backbone, note)``: note is None when ``name`` was loaded as asked, else one line saying
+        that and why the bundled model (``DEFAULT_OFFLINE_BACKBONE``, its bundled weights) is used
+        instead.
+
+    Raises:
+        BackboneUnavailable: ``fallback`` is False, or the bundled model is unavailable too (the
+            message gives both reasons).
+        ValueError, WeightsError: as ``load_backbone``.
+    """
+    try:
+        return load_backbone(name, weights=weights, device=device, weights_dir=weights_dir), None
+    except BackboneUnavailable as e:
+        if not fallback or weights != "default" or name not in TORCHVISION_BACKBONES:
+            raise
+        why = str(e)
+    try:
+        bb = load_backbone(DEFAULT_OFFLINE_BACKBONE, weights="default", device=device)
+    except BackboneUnavailable as e2:
+        raise BackboneUnavailable(f"{why} The fallback failed too: {e2}") from None
+    note = (
+        f"{name} default weights are unavailable, so the bundled offline model {DEFAULT_OFFLINE_BACKBONE} "
+        f"(real ImageNet weights) is used instead. Reason: {why}"
+    )
+    return bb, note

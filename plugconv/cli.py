@@ -11,6 +11,11 @@ Each subcommand is registered by a small function ``add_<name>_parser(subparsers
 :data:`SUBCOMMANDS`; it sets ``func`` (``args -> exit status``) on its parser. To add one, write
 such a function (in this file or a ``cli_<name>.py`` module) and append it to ``SUBCOMMANDS``.
 
+Offline fallback: ``--weights default`` for a torchvision backbone whose weights are neither cached
+nor downloadable runs on the bundled offline model (``efficientnet_lite0``) instead, with a note on
+stderr and ``"fallback": "<note>"`` in ``--json`` output (``--no-fallback`` makes it an error).
+Explicit weights files are never replaced: a missing or bad file is an error.
+
 Exit status: 0 on success, 2 for a user error (unknown variant or backbone, unavailable or bad
 weights, bad option): one line on stderr naming the value and the choices, no traceback.
 """
@@ -123,24 +128,28 @@ def swap_summary(
     exclude: Sequence[str] | None = None,
     device: str = "cpu",
     options: dict[str, Any] | None = None,
+    fallback: bool = True,
 ) -> dict[str, Any]:
     """Swap ``variant`` into ``backbone`` and describe what happened (the ``swap --json`` object).
 
     Returns:
         ``{"backbone", "variant", "swapped": [site], "skipped": [{"site", "reason"}],
         "params_before", "params_after", "params_ratio", "exact", "provenance":
-        {"backbone_weights": WeightsInfo dict, "sites": {site: status}}, "options", "device"}``.
+        {"backbone_weights": WeightsInfo dict, "sites": {site: status}}, "options", "device",
+        "requested_backbone", "fallback"}``; ``fallback`` is None, or the note saying that the
+        default weights of ``backbone`` were unavailable and the bundled offline model was used
+        (then ``"backbone"`` names the bundled model; see ``load_backbone_or_fallback``).
 
     Raises:
         CliError: unknown variant/backbone, unavailable or bad weights, bad options (one-line message).
     """
-    from plugconv.backbones import BackboneUnavailable, load_backbone
+    from plugconv.backbones import BackboneUnavailable, load_backbone_or_fallback
     from plugconv.registry import get_conv
     from plugconv.surgery import swap_convs
 
     try:
         get_conv(variant)  # before any model is built
-        bb = load_backbone(backbone, weights=weights, device=device)
+        bb, note = load_backbone_or_fallback(backbone, weights=weights, device=device, fallback=fallback)
         res = swap_convs(
             bb.model, variant, include=include or None, exclude=exclude or None, probe_size=bb.input_size,
             **(options or {}),
@@ -161,6 +170,8 @@ def swap_summary(
         "provenance": {"backbone_weights": bb.weights.to_dict(), "sites": dict(res.provenance)},
         "options": res.to_dict()["options"],
         "device": str(bb.device),
+        "requested_backbone": backbone,
+        "fallback": note,
     }
 
 
@@ -168,8 +179,10 @@ def run_swap(args: argparse.Namespace) -> int:
     """``swap``: sites swapped and skipped (with reasons), parameters before and after."""
     out = swap_summary(
         args.backbone, args.variant, weights=args.weights, include=args.include, exclude=args.exclude,
-        device=args.device, options=_parse_options(args.option),
+        device=args.device, options=_parse_options(args.option), fallback=not args.no_fallback,
     )
+    if out["fallback"]:
+        print(f"{PROG} swap: note: {out['fallback']}", file=sys.stderr, flush=True)
     if args.json:
         print(json.dumps(out, indent=2))
         return 0
@@ -201,6 +214,9 @@ def add_swap_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--option", nargs="+", action="extend", metavar="KEY=VALUE",
                    help="variant option, Python literal values (e.g. aws=False, fuse='softmax2c')")
     p.add_argument("--device", default="cpu", help="cpu (default), auto, cuda, cuda:N")
+    p.add_argument("--no-fallback", action="store_true",
+                   help="with --weights default: fail instead of using the bundled offline model when the "
+                        "backbone's weights are neither cached nor downloadable")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run_swap)
     return p

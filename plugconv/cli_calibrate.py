@@ -10,6 +10,12 @@ Loads the backbone, swaps the variant in, calibrates the swapped sites on the ex
 safetensors with a JSON metadata record (``plugconv.calibrate.read_calibration`` reads it back,
 ``apply_calibration`` loads it into a fresh swap). ``plugconv.cli`` registers this subcommand with
 ``add_calibrate_parser``; ``main`` runs it on its own.
+
+With ``--weights default`` and a torchvision backbone whose weights are neither cached nor
+downloadable, the bundled offline model is calibrated instead (a note on stderr, ``"fallback"`` in
+the JSON; ``--no-fallback`` makes it an error). ``--json`` prints ``{"out", "backbone", "weights",
+"fallback", "provenance": {"backbone_weights": {...}, "sites": {site: "calibrated" | "initialised"
+| ...}}, "report"}``; a site the guard kept at its initial parameters stays "initialised".
 """
 
 from __future__ import annotations
@@ -49,6 +55,9 @@ def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="held-out crops for the report (%(default)s)")
     p.add_argument("--seed", type=int, default=0, help="augmentation / batch-order seed (%(default)s)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (%(default)s)")
+    p.add_argument("--no-fallback", action="store_true",
+                   help="with --weights default: fail instead of using the bundled offline model when the "
+                        "backbone's weights are neither cached nor downloadable")
     p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     p.set_defaults(func=run)
@@ -65,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     """Run the subcommand. Returns the exit status (0 = written; 2 = a user error, on stderr)."""
     import dataclasses
 
-    from plugconv.backbones import BackboneUnavailable, load_backbone
+    from plugconv.backbones import BackboneUnavailable, load_backbone_or_fallback
     from plugconv.calibrate import calibrate, save_calibration
     from plugconv.images_dataset import load_images
     from plugconv.registry import UnknownVariantError
@@ -76,13 +85,17 @@ def run(args: argparse.Namespace) -> int:
             print(f"[{frac * 100:5.1f}%] {msg}", file=sys.stderr, flush=True)
 
     try:
-        backbone = load_backbone(args.backbone, weights=args.weights, device=args.device)
+        backbone, note = load_backbone_or_fallback(args.backbone, weights=args.weights, device=args.device,
+                                                   fallback=not args.no_fallback)
+        if note:
+            print(f"plugconv calibrate: note: {note}", file=sys.stderr, flush=True)
         images = load_images(args.images or None, include_examples=not args.no_examples)
         swap = swap_convs(backbone.model, args.variant, include=args.include, exclude=args.exclude,
                           probe_size=backbone.input_size)
         if not swap.swapped:
             reasons = "; ".join(f"{s}: {r}" for s, r in swap.skipped[:5]) or "no candidate sites"
-            raise ValueError(f"variant {args.variant!r} could not be placed at any site ({reasons})")
+            on = f" of the fallback model {backbone.name}" if note else ""
+            raise ValueError(f"variant {args.variant!r} could not be placed at any site{on} ({reasons})")
         report = calibrate(
             backbone.model, swap, images,
             steps=args.steps, e2e_steps=args.e2e_steps, lr=args.lr, batch_size=args.batch_size,
@@ -90,13 +103,21 @@ def run(args: argparse.Namespace) -> int:
             mean=backbone.mean, std=backbone.std, seed=args.seed, device=args.device, progress=progress,
         )
         meta = {"backbone": backbone.name, "weights": backbone.weights.to_dict()}
+        if note:
+            meta["requested_backbone"] = args.backbone
+            meta["fallback"] = note
         out = save_calibration(args.out, report, meta)
     except (UnknownVariantError, ValueError, FileNotFoundError, BackboneUnavailable) as e:
         print(f"plugconv calibrate: error: {e}", file=sys.stderr)
         return 2
     report = dataclasses.replace(report, cache_path=str(out))
     if args.json:
-        print(json.dumps({"out": str(out), **meta, "report": report.to_dict()}, indent=2))
+        provenance = {
+            "backbone_weights": backbone.weights.to_dict(),
+            "sites": dict(report.swap.provenance) if report.swap is not None else {},
+        }
+        print(json.dumps({"out": str(out), **meta, "fallback": note, "provenance": provenance,
+                          "report": report.to_dict()}, indent=2))
     else:
         print(f"wrote {out}")
         print(f"{'site':<24}{'error before':>14}{'error after':>14}")

@@ -87,22 +87,64 @@ def test_resolve_device() -> None:
 # ----------------------------------------------------------------------------- torchvision default weights
 
 
-def test_offline_default_weights_fail_fast_with_instructions(torch_home) -> None:
-    # no network on this machine and nothing cached: must fail within seconds, not a TCP timeout
-    from plugconv.backbones import _probe
+@pytest.fixture(params=["refused", "timeout", "hang"])
+def no_network(request, monkeypatch):
+    """Simulated loss of network, whatever this machine's real connectivity: every TCP connection
+    attempt made through ``socket.create_connection`` (the probe's and urllib's) is refused at once,
+    times out after the caller's timeout (a blackholed route), or hangs past any timeout (a stuck DNS
+    lookup, which ignores socket timeouts). No packet leaves the machine. Yields the hosts tried."""
+    import socket
+    import threading
 
-    if _probe("download.pytorch.org") is None:
-        pytest.skip("download.pytorch.org is reachable here; the offline path cannot be exercised")
+    monkeypatch.delenv("PLUGCONV_OFFLINE", raising=False)
+    tried: list[str] = []
+    release = threading.Event()
+
+    def fake_create_connection(address, timeout=None, *args, **kwargs):
+        tried.append(address[0])
+        if request.param == "refused":
+            raise ConnectionRefusedError(111, "Connection refused (simulated)")
+        if request.param == "timeout":
+            release.wait(timeout if timeout is not None else 30.0)
+            raise TimeoutError("timed out (simulated blackhole)")
+        release.wait(60.0)  # "hang": longer than any timeout; released at teardown
+        raise OSError("simulated hang released")
+
+    monkeypatch.setattr(socket, "create_connection", fake_create_connection)
+    yield tried
+    release.set()
+
+
+def test_offline_default_weights_fail_fast_with_instructions(torch_home, no_network) -> None:
+    # nothing cached and no network (simulated): must fail within seconds, not a long network timeout
     t0 = time.perf_counter()
     with pytest.raises(BackboneUnavailable) as info:
         load_backbone("resnet50", device="cpu")
     elapsed = time.perf_counter() - t0
     print(f"offline failure after {elapsed:.2f} s")
     assert elapsed < 10.0
+    assert no_network and set(no_network) == {"download.pytorch.org"}  # the probe ran, nothing else
     msg = str(info.value)
     assert "resnet50-11ad3fa6.pth" in msg  # ResNet50_Weights.DEFAULT's file name
     assert str(torch_home / "hub" / "checkpoints") in msg
     assert "--weights" in msg and "efficientnet_lite0" in msg
+    assert "download.pytorch.org" in msg
+
+
+def test_load_backbone_or_fallback(torch_home, monkeypatch) -> None:
+    from plugconv.backbones import load_backbone_or_fallback
+
+    monkeypatch.setenv("PLUGCONV_OFFLINE", "1")
+    bb, note = load_backbone_or_fallback("resnet50", device="cpu")
+    assert bb.name == DEFAULT_OFFLINE_BACKBONE and bb.weights.source == "bundled"
+    assert "resnet50" in note and "resnet50-11ad3fa6.pth" in note and DEFAULT_OFFLINE_BACKBONE in note
+    with pytest.raises(BackboneUnavailable, match="resnet50-11ad3fa6.pth"):
+        load_backbone_or_fallback("resnet50", device="cpu", fallback=False)
+    # what is asked for when it is there; explicit files stay strict
+    bb, note = load_backbone_or_fallback("resnet18", weights="random", device="cpu")
+    assert bb.name == "resnet18" and note is None
+    with pytest.raises((WeightsError, FileNotFoundError, ValueError), match="missing.pth"):
+        load_backbone_or_fallback("resnet18", weights=str(torch_home / "missing.pth"), device="cpu")
 
 
 def test_default_weights_from_the_torch_hub_cache(torch_home) -> None:

@@ -24,6 +24,7 @@ from plugconv.calibrate import (
     calibrate,
     calibrate_cached,
     read_calibration,
+    rel_error,
     save_calibration,
 )
 from plugconv.images_dataset import augmented_crops, images_sha256, load_images
@@ -114,7 +115,10 @@ def test_calibration_reduces_site_error(teacher, images, variant: str) -> None:
     for s in rep.sites:
         # relative error of a fresh module is around 1 (or more); calibration must cut it well down
         assert s.error_before > 0.3, s
-        assert s.error_after < 0.5 * s.error_before, s
+        assert s.sq_error_after < 0.5 * s.sq_error_before, s
+        # the reported error is the norm ratio; its square is kept alongside
+        assert s.error_before == pytest.approx(s.sq_error_before**0.5, rel=1e-12)
+        assert s.error_after == pytest.approx(s.sq_error_after**0.5, rel=1e-12)
     # selfcal absorbs the BN that follows each conv: the target must include it
     if variant == "selfcal":
         assert [s.bn for s in rep.sites] == ["layer1.0.bn2", "layer2.1.bn1", "layer3.1.bn2"]
@@ -156,9 +160,47 @@ def test_calibrated_site_matches_teacher_on_fresh_input(teacher, images) -> None
         h.remove()
     with torch.no_grad():
         s = swap.model.get_submodule(site)(captured["x"])
-    err = float((s - captured["y"]).pow(2).sum() / captured["y"].pow(2).sum())
+    err = float((s - captured["y"]).norm() / captured["y"].norm())
     before = next(r.error_before for r in rep.sites if r.site == site)
-    assert err < 0.5 * before
+    assert err < 0.5**0.5 * before
+
+
+def test_rel_error_is_the_norm_ratio() -> None:
+    t = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    assert rel_error(t * 1.1, t) == pytest.approx(0.1, rel=1e-12)  # not 0.01 (the squared ratio)
+    assert rel_error(torch.zeros_like(t), t) == pytest.approx(1.0, rel=1e-12)
+    s, t = torch.tensor([3.0, 0.0]), torch.tensor([0.0, 4.0])  # ‖s − t‖ = 5, ‖t‖ = 4
+    assert rel_error(s, t) == pytest.approx(1.25, rel=1e-7)
+
+
+def test_reported_site_error_is_norm_ratio_on_held_out_crops(teacher, images) -> None:
+    """Known answer: recompute ‖S − T‖ / ‖T‖ over the held-out crops outside ``calibrate``."""
+    site = "layer2.1.conv1"
+    swap = _swap(teacher, "spconv")
+    # the held-out crops of calibrate(seed=0): the stream seeded with seed + 7919
+    ev = augmented_crops(images, FAST["eval_samples"], FAST["crop"], generator=torch.Generator().manual_seed(7919))
+    captured = {}
+    h = teacher.get_submodule(site).register_forward_hook(lambda m, i, o: captured.update(x=i[0], y=o))
+    try:
+        with torch.no_grad():
+            teacher(ev)
+    finally:
+        h.remove()
+
+    def direct() -> float:
+        with torch.no_grad():
+            s = swap.model.get_submodule(site)(captured["x"]).double()
+        t = captured["y"].double()
+        return float((s - t).norm() / t.norm())
+
+    before = direct()
+    rep = calibrate(teacher, swap, images, sites=[site], **FAST)
+    (r,) = rep.sites
+    assert r.error_before == pytest.approx(before, rel=1e-5)
+    assert r.error_after == pytest.approx(direct(), rel=1e-5)
+    assert r.sq_error_before == pytest.approx(before**2, rel=1e-5)
+    assert r.error_after < r.error_before
+    assert rep.max_error_after == r.error_after
 
 
 def test_deterministic_for_fixed_seed(teacher, images) -> None:
@@ -255,6 +297,22 @@ def test_save_and_apply_checks_fit(teacher, images, tmp_path: Path) -> None:
     rep2 = apply_calibration(fresh, path)
     assert rep2.from_cache and rep2.swap.provenance == dict.fromkeys(SITES, "calibrated")
     assert all(torch.equal(a, b) for a, b in zip(_site_state(swap).values(), _site_state(fresh).values()))
+    assert [s.error_after for s in rep2.sites] == [s.error_after for s in rep.sites]
+
+    # a format-1 file (error_* held the SQUARED ratio) is read with its errors converted
+    from safetensors.torch import save_file
+
+    state, record = read_calibration(path)
+    old = json.loads(json.dumps(record))
+    old["format"] = "plugconv-calibration/1"
+    for s in old["report"]["sites"]:
+        s["error_before"], s["error_after"] = s.pop("sq_error_before"), s.pop("sq_error_after")
+    v1 = tmp_path / "v1.safetensors"
+    save_file(state, str(v1), metadata={"plugconv_calibration": json.dumps(old)})
+    rep3 = apply_calibration(_swap(teacher, "scconv", seed=9), v1)
+    for a, b in zip(rep3.sites, rep.sites):
+        assert a.error_after == pytest.approx(b.error_after, rel=1e-12)
+        assert a.sq_error_after == pytest.approx(b.sq_error_after, rel=1e-12)
 
 
 def test_cli_calibrate(teacher, tmp_path: Path) -> None:
@@ -280,6 +338,12 @@ def test_cli_calibrate(teacher, tmp_path: Path) -> None:
     assert record["variant"] == "scconv" and record["sites"] == ["layer1.0.conv2"]
     assert record["backbone"] == "resnet18" and record["weights"]["source"] == "file"
     assert printed["report"]["steps"] == 2 and printed["out"] == str(out)
+    # per-site provenance: calibrated, or initialised where the guard kept the initial parameters
+    prov = printed["provenance"]
+    assert prov["backbone_weights"]["source"] == "file" and prov["backbone_weights"]["location"] == str(weights)
+    (site_rep,) = printed["report"]["sites"]
+    assert prov["sites"] == {"layer1.0.conv2": "calibrated" if site_rep["calibrated"] else "initialised"}
+    assert printed["fallback"] is None
     assert state and all(k.startswith("layer1.0.conv2.") for k in state)
     # the file applies to a fresh swap of the same network
     model = torchvision.models.resnet18()
@@ -290,6 +354,35 @@ def test_cli_calibrate(teacher, tmp_path: Path) -> None:
     bad = subprocess.run([*cmd[:9], "nonsense", *cmd[10:]], capture_output=True, text=True, cwd=ROOT,
                          timeout=300, env=env)
     assert bad.returncode != 0 and "nonsense" in bad.stderr
+
+
+def test_cli_calibrate_offline_default_falls_back_with_provenance(tmp_path: Path) -> None:
+    """--weights default with no cache and no network: the bundled model, said on stderr and in the JSON."""
+    out = tmp_path / "cal.safetensors"
+    cmd = [sys.executable, "-m", "plugconv", "calibrate", "--backbone", "resnet18", "--weights", "default",
+           "--variant", "acb", "--no-examples", "--images", str(ROOT / "assets" / "chelsea.jpg"),
+           "--out", str(out), "--steps", "1", "--crop", "32", "--samples", "2", "--eval-samples", "2",
+           "--batch-size", "2", "--device", "cpu", "--quiet", "--json"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PLUGCONV_OFFLINE": "1", "TORCH_HOME": str(tmp_path / "th")}
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr
+    printed = json.loads(proc.stdout)
+    assert printed["backbone"] == "efficientnet_lite0" and printed["requested_backbone"] == "resnet18"
+    assert "resnet18" in printed["fallback"] and "efficientnet_lite0" in printed["fallback"]
+    assert f"plugconv calibrate: note: {printed['fallback']}" in proc.stderr
+    prov = printed["provenance"]
+    assert prov["backbone_weights"]["source"] == "bundled"
+    assert prov["sites"] and set(prov["sites"].values()) == {"exact"}  # acb transfers exactly: nothing to fit
+    _, record = read_calibration(out)
+    assert record["fallback"] == printed["fallback"] and record["sites"] == []
+
+    # a variant the bundled model cannot host is an error that names the fallback
+    bad = subprocess.run([*cmd[:9], "scconv", *cmd[10:]], capture_output=True, text=True, cwd=ROOT,
+                         timeout=300, env=env)
+    assert bad.returncode == 2 and "fallback model efficientnet_lite0" in bad.stderr
+    # --no-fallback: the guiding error instead
+    strict = subprocess.run([*cmd, "--no-fallback"], capture_output=True, text=True, cwd=ROOT, timeout=300, env=env)
+    assert strict.returncode == 2 and "resnet18-f37072fd.pth" in strict.stderr and "Traceback" not in strict.stderr
 
 
 def test_too_short_fit_keeps_initial_parameters(teacher, images) -> None:

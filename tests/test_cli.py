@@ -110,9 +110,40 @@ def test_user_errors_one_line_exit_2(capsys, argv, needles) -> None:
         assert n in lines[0], (n, lines[0])
 
 
-def test_default_weights_offline_is_a_readable_error(tmp_path) -> None:
+def test_default_weights_offline_falls_back_to_the_bundled_model(tmp_path) -> None:
     proc = _run_module(
-        "swap", "--backbone", "resnet50", "--variant", "acb", "--weights", "default",
+        "swap", "--backbone", "resnet50", "--variant", "acb", "--weights", "default", "--json",
+        env={"PLUGCONV_OFFLINE": "1", "TORCH_HOME": str(tmp_path)},
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["backbone"] == "efficientnet_lite0" and out["requested_backbone"] == "resnet50"
+    assert out["provenance"]["backbone_weights"]["source"] == "bundled"
+    note = out["fallback"]
+    assert "resnet50" in note and "efficientnet_lite0" in note and "resnet50-11ad3fa6.pth" in note
+    assert out["swapped"] and set(out["provenance"]["sites"].values()) == {"exact"}
+    assert "Traceback" not in proc.stderr
+    assert f"plugconv swap: note: {note}" in proc.stderr
+
+
+def test_no_fallback_for_random_weights_or_files(tmp_path, capsys, monkeypatch) -> None:
+    from plugconv.cli import swap_summary
+
+    monkeypatch.setenv("PLUGCONV_OFFLINE", "1")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    out = swap_summary("resnet18", "acb", weights="random")
+    assert out["fallback"] is None and out["backbone"] == "resnet18"
+    # an explicit file stays strict even offline with an empty cache: a bad file is an error
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"not a checkpoint")
+    assert main(["swap", "--backbone", "resnet18", "--variant", "acb", "--weights", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "bad.pth" in err and "note" not in err and "efficientnet_lite0" not in err
+
+
+def test_default_weights_offline_no_fallback_is_a_readable_error(tmp_path) -> None:
+    proc = _run_module(
+        "swap", "--backbone", "resnet50", "--variant", "acb", "--weights", "default", "--no-fallback",
         env={"PLUGCONV_OFFLINE": "1", "TORCH_HOME": str(tmp_path)},
     )
     assert proc.returncode == 2
