@@ -39,6 +39,7 @@ import html
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -392,8 +393,30 @@ def initial_backbone(cfg: AppConfig) -> tuple[str, str | None]:
     if name not in choices:
         name = DEFAULT_OFFLINE_BACKBONE if DEFAULT_OFFLINE_BACKBONE in choices else choices[0]
     if note:
+        logger.warning("default backbone: %s", note)  # the full note (with server paths) stays in the log
+        note = public_note(note)
         note += ". The torchvision ResNets download their ImageNet weights on first use when a network is available."
     return name, note
+
+
+_ABS_PATH = re.compile(r"(?<![\w.:/])(?:/|[A-Za-z]:[\\/])[^\s()\[\];,'\"]*")
+
+
+def public_note(text: str) -> str:
+    """``text`` without server filesystem paths: the torch hub checkpoints folder becomes "the torch
+    hub cache", any other absolute path its file name."""
+    with contextlib.suppress(Exception):
+        hub = str(Path(torch.hub.get_dir()) / "checkpoints")
+        text = text.replace(hub, "the torch hub cache")
+
+    def short(m: re.Match) -> str:
+        parts = re.split(r"[\\/]", m.group(0).rstrip("/\\"))
+        if parts[-2:] == ["hub", "checkpoints"]:
+            return "the torch hub cache"
+        name = parts[-1]
+        return name or "a server folder"
+
+    return _ABS_PATH.sub(short, text)
 
 
 def weights_choices(cfg: AppConfig) -> list[tuple[str, str]]:

@@ -85,3 +85,17 @@ def test_overview_follows_latency_measured_in_the_profile_tab(cfg, monkeypatch, 
     assert ref["trigger_after"] == prof["id"] and ref["trigger_only_on_success"]
     overview_id = next(b._id for b in demo.blocks.values() if getattr(b, "elem_id", None) == "overview")
     assert overview_id in ref["outputs"]
+
+
+def test_offline_note_shows_no_server_path(monkeypatch, tmp_path, caplog) -> None:
+    torch_home = tmp_path / "empty-torch-home"
+    torch_home.mkdir()
+    monkeypatch.setenv("TORCH_HOME", str(torch_home))
+    with caplog.at_level("WARNING", logger="plugconv.app"):
+        name, note = app.initial_backbone(app.AppConfig(weights_dir=tmp_path / "w", examples=()))
+    assert name == "efficientnet_lite0"
+    assert note and "the torch hub cache" in note and ".pth" in note
+    assert str(tmp_path) not in note and "/" not in note.split("(", 1)[1].split(")", 1)[0]
+    assert str(torch_home) in caplog.text  # the full path stays in the server log
+    assert app.public_note("x (a.pth is not in /srv/th/hub/checkpoints); see /srv/data/w.pth") == \
+        "x (a.pth is not in the torch hub cache); see w.pth"
