@@ -826,6 +826,10 @@ def _theoretical_rf_text(trf: Any) -> str:
     if not trf:
         return "–"
     if isinstance(trf, dict):
+        if isinstance(trf.get("label"), str) and trf["label"]:
+            # the library's own wording: local size, clipping and "global (via …)" (SAConv's
+            # global context, SCConv/self-calibration pooling), which the bare number hides
+            return trf["label"][:200]
         for k in ("rf", "r", "size", "local_rf"):
             if isinstance(trf.get(k), (int, float)):
                 s = f"{trf[k]:g} px"

@@ -99,3 +99,12 @@ def test_offline_note_shows_no_server_path(monkeypatch, tmp_path, caplog) -> Non
     assert str(torch_home) in caplog.text  # the full path stays in the server log
     assert app.public_note("x (a.pth is not in /srv/th/hub/checkpoints); see /srv/data/w.pth") == \
         "x (a.pth is not in the torch hub cache); see w.pth"
+
+
+def test_theoretical_rf_text_prefers_the_library_label() -> None:
+    trf = {"r": 427, "r_clipped": 64, "global": True, "global_via": ["layer1.0.conv2.gap"],
+           "label": "427 px local (clipped to 64); global (via layer1.0.conv2.gap)"}
+    assert app._theoretical_rf_text(trf) == trf["label"]
+    assert "global (via" in app.erf_frame({"models": [{"label": "saconv", "theoretical_rf": trf}]})["theoretical RF"][0]
+    assert app._theoretical_rf_text({"r": 99}) == "99 px"  # no label: the number
+    assert app._theoretical_rf_text(None) == "–"
