@@ -140,3 +140,57 @@ def test_analysis_runtime_error_is_one_line_exit_1(tmp_path, capsys, monkeypatch
     err = capsys.readouterr().err.strip()
     assert rc == 1 and err.startswith("error: analysis failed (resnet18") and "layer3.0.conv2" in err
     assert "\n" not in err and not (tmp_path / "o" / "report.json").exists()
+
+
+def test_profile_latency_end_to_end(capsys):
+    rc = main(["profile", "--backbone", "resnet18", "--variants", "conv,acb", "--input-size", "64", "--repeats", "2",
+               "--warmup", "1", "--json"])
+    assert rc == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["input_size"] == 64
+    for m in d["models"]:
+        assert m["latency_ms"] > 0 and m["latency_iqr_ms"] >= 0
+        lat = m["profile"]["latency"]
+        assert len(lat["times_ms"]) == 2
+        per = lat["per_layer"]
+        assert per and all(isinstance(p["median_ms"], float) and p["median_ms"] >= 0 for p in per)
+        assert any(p["median_ms"] > 0 for p in per)
+        # the sum of the per-layer medians next to the whole-model figure
+        assert m["latency_per_layer_sum_ms"] == pytest.approx(sum(p["median_ms"] for p in per))
+        assert m["latency_per_layer_sum_ms"] > 0 and m["latency_hooked_total_ms"] > 0
+        assert m["profile"]["per_layer_sum_ms"] == m["latency_per_layer_sum_ms"]
+        assert m["profile"]["latency_ms"] == m["latency_ms"]
+        lb = m["latency_labels"]
+        assert lb["device_type"] == "cpu" and lb["device"] and lb["dtype"] == "float32"
+        assert lb["batch"] == 1 and lb["input_size"] == "64×64"
+        assert lb["repeats"] == 2 and lb["warmup"] == 1 and lb["statistic"] == "median of 2"
+    acb = {m["variant"]: m for m in d["models"]}["acb"]
+    assert acb["deploy"]["latency_ms"] > 0 and acb["profile"]["deploy"]["per_layer_sum_ms"] > 0
+    rc = main(["profile", "--backbone", "resnet18", "--variants", "conv", "--input-size", "64", "--repeats", "2",
+               "--warmup", "0"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "Σ layers ms" in out and "median of 2 after 0 warm-up" in out
+
+
+def test_latency_defaults_follow_the_reference():
+    from viz.__main__ import _parser
+    from viz.cost import DEFAULT_REPEATS, DEFAULT_WARMUP
+
+    assert DEFAULT_WARMUP >= 10 and DEFAULT_REPEATS >= 30  # analysis.md §5
+    for argv in (["profile"], ["analyze", "x.jpg", "--out", "o"]):
+        args = _parser().parse_args(argv)
+        assert (args.repeats, args.warmup) == (DEFAULT_REPEATS, DEFAULT_WARMUP)
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["profile", "--repeats", "0"])
+
+
+def test_analyze_latency_uses_repeats_and_warmup(tmp_path):
+    rc = main(["analyze", str(PHOTO), "--backbone", "resnet18", "--weights", "random", "--variants", "conv",
+               "--no-erf", "--no-redundancy", "--layers", "layer4", "--repeats", "2", "--warmup", "0",
+               "--out", str(tmp_path), "--quiet"])
+    assert rc == 0
+    m = json.loads((tmp_path / "report.json").read_text())["models"][0]
+    assert m["latency_ms"] > 0
+    assert m["latency_labels"]["repeats"] == 2 and m["latency_labels"]["warmup"] == 0
+    assert m["latency_labels"]["input_size"] == "224×224" and m["latency_labels"]["batch"] == 1
+    assert m["timings"]["profile"] > 0

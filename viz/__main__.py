@@ -43,6 +43,29 @@ def _load_image(path: str):
     return load_image(path)
 
 
+def _latency_args(p: argparse.ArgumentParser) -> None:
+    from viz.cost import DEFAULT_REPEATS, DEFAULT_WARMUP
+
+    p.add_argument("--repeats", type=_positive, default=DEFAULT_REPEATS,
+                   help=f"timed latency passes, median reported (default {DEFAULT_REPEATS}, analysis.md §5)")
+    p.add_argument("--warmup", type=_non_negative, default=DEFAULT_WARMUP,
+                   help=f"untimed warm-up passes before timing (default {DEFAULT_WARMUP})")
+
+
+def _positive(s: str) -> int:
+    v = int(s)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def _non_negative(s: str) -> int:
+    v = int(s)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
+    return v
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m viz", description="plugconv analysis engine")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -62,6 +85,7 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--no-redundancy", action="store_true")
     a.add_argument("--no-profile", action="store_true")
     a.add_argument("--no-latency", action="store_true", help="profile params/FLOPs only")
+    _latency_args(a)
     a.add_argument("--out", required=True, help="output directory")
     a.add_argument("--quiet", action="store_true")
     pr = sub.add_parser("profile", help="params / FLOPs / latency only")
@@ -71,8 +95,7 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--preset", default=None)
     pr.add_argument("--device", default="cpu")
     pr.add_argument("--input-size", type=int, default=None, help="H = W (default: the backbone's)")
-    pr.add_argument("--repeats", type=int, default=10)
-    pr.add_argument("--warmup", type=int, default=3)
+    _latency_args(pr)
     pr.add_argument("--no-latency", action="store_true")
     pr.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return p
@@ -109,6 +132,30 @@ def _entries(backbone, variants: Sequence[str], preset: str | None) -> list:
     return out
 
 
+def _latency_settings(analyze, bb, entries, repeats: int, warmup: int) -> tuple[dict[str, Any], dict[str, float]]:
+    """Make ``analyze`` time latency with ``repeats`` / ``warmup``.
+
+    When ``analyze`` takes ``latency_repeats`` / ``latency_warmup``, they are passed through.
+    Otherwise each model's profile is measured here with these settings through
+    ``viz.analysis.cached_profile`` (the cache ``analyze`` reads, keyed by model, device, input
+    size and latency on/off), and the seconds spent are returned per label for the timings.
+    """
+    import inspect
+
+    params = inspect.signature(analyze).parameters
+    if "latency_repeats" in params and "latency_warmup" in params:
+        return {"latency_repeats": repeats, "latency_warmup": warmup}, {}
+    from viz.analysis import cached_profile
+
+    spent: dict[str, float] = {}
+    for e in entries:
+        t = time.perf_counter()
+        with e.lock:
+            cached_profile(e.model, int(bb.input_size), device=bb.device, latency=True, repeats=repeats, warmup=warmup)
+        spent[e.label] = time.perf_counter() - t
+    return {}, spent
+
+
 def cmd_analyze(args: argparse.Namespace) -> int:
     from viz.analysis import analyze
     from viz.report import write_report
@@ -128,10 +175,18 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         if not args.quiet:
             print(f"[{f:4.0%}] {msg}", file=sys.stderr)
 
+    kw: dict[str, Any] = {}
+    pre_profile: dict[str, float] = {}
+    latency = not args.no_profile and not args.no_latency
     try:
+        if latency:
+            kw, pre_profile = _latency_settings(analyze, bb, entries, args.repeats, args.warmup)
         a = analyze(images, bb, entries, layers=_split(args.layers) or None, target=args.target, topk=args.topk,
                     erf=not args.no_erf, redundancy=not args.no_redundancy, profile=not args.no_profile,
-                    latency=not args.no_latency, erf_layer=args.erf_layer, progress=progress)
+                    latency=not args.no_latency, erf_layer=args.erf_layer, progress=progress, **kw)
+        for m in a.models:  # the profile measured ahead of analyze() belongs to its timings
+            if m.label in pre_profile:
+                m.timings["profile"] = m.timings.get("profile", 0.0) + pre_profile[m.label]
     except (KeyError, ValueError) as e:
         raise UsageError(str(e).strip("'\"")) from e
     except RuntimeError as e:
@@ -165,6 +220,9 @@ def cmd_profile(args: argparse.Namespace) -> int:
             "skipped": [{"site": a, "reason": b} for a, b in e.swap.skipped],
             "params": s["params"], "flops": s["flops"], "macs": s["macs"], "flops_status": s.get("flops_status"),
             "latency_ms": s["latency_ms"], "latency_iqr_ms": s.get("latency_iqr_ms"),
+            # Σ of the per-layer medians (hooked pass) next to the whole-model (unhooked) median
+            "latency_per_layer_sum_ms": (prof.get("latency") or {}).get("per_layer_sum_ms"),
+            "latency_hooked_total_ms": (prof.get("latency") or {}).get("hooked_total_ms"),
             "latency_labels": s.get("latency_labels"),
             "deploy": cost_summary(prof["deploy"]) if prof.get("deploy") else None,
             "profile": prof, "seconds": time.perf_counter() - t,
@@ -177,10 +235,18 @@ def cmd_profile(args: argparse.Namespace) -> int:
         print(json.dumps(_jsonable(out), indent=1))
     else:
         print(f"{bb.name} @ {size}px on {bb.device}")
-        print(f"{'variant':10s} {'swapped':>7s} {'params (M)':>11s} {'GFLOPs':>8s} {'latency ms':>11s}")
+        print(f"{'variant':10s} {'swapped':>7s} {'params (M)':>11s} {'GFLOPs':>8s} {'latency ms':>11s} "
+              f"{'Σ layers ms':>12s}")
         for r in rows:
             lat = "-" if r["latency_ms"] is None else f"{r['latency_ms']:.2f}"
-            print(f"{r['label']:10s} {len(r['swapped']):7d} {r['params'] / 1e6:11.3f} {r['flops'] / 1e9:8.3f} {lat:>11s}")
+            tot = "-" if r["latency_per_layer_sum_ms"] is None else f"{r['latency_per_layer_sum_ms']:.2f}"
+            print(f"{r['label']:10s} {len(r['swapped']):7d} {r['params'] / 1e6:11.3f} {r['flops'] / 1e9:8.3f} {lat:>11s} "
+                  f"{tot:>12s}")
+        if rows and rows[0]["latency_labels"]:
+            lb = rows[0]["latency_labels"]
+            print(f"latency: {lb.get('statistic')} after {lb.get('warmup')} warm-up, {lb.get('device')}, "
+                  f"{lb.get('dtype')}, batch {lb.get('batch')}, {lb.get('input_size')}, {lb.get('threads')} threads; "
+                  "Σ layers = sum of per-layer medians from a hooked pass (includes hook overhead)")
     return 0
 
 

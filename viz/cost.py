@@ -37,6 +37,11 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
+#: latency defaults for reported numbers (analysis.md §5: warm up with >= 10 iterations, repeat
+#: >= 30 times, report the median); interactive callers (the app) pass cheaper values explicitly
+DEFAULT_WARMUP = 10
+DEFAULT_REPEATS = 30
+
 #: aten ops that move, view or allocate data without arithmetic (never listed as uncounted)
 _ZERO_COST_OPS = frozenset(
     {
@@ -430,8 +435,8 @@ def measure_latency(
     model: nn.Module,
     x: torch.Tensor,
     *,
-    warmup: int = 3,
-    repeats: int = 10,
+    warmup: int = DEFAULT_WARMUP,
+    repeats: int = DEFAULT_REPEATS,
     per_layer: bool = True,
     threads: int | None = None,
     layers: Sequence[str] | None = None,
@@ -443,9 +448,10 @@ def measure_latency(
         model: the model (run in eval mode; its flags are restored afterwards). Hold the
             model's lock while calling, so no other request runs meanwhile.
         x: input batch (N×3×H×W) on the model's device; its dtype/memory format are labelled.
-        warmup: untimed iterations before each pass (lazy init, oneDNN/cuDNN setup). The app's
-            default is small; use ≥ 10 warm-up and ≥ 30 repeats for reported numbers.
-        repeats: timed iterations per pass (median and IQR reported).
+        warmup: untimed iterations before each pass (lazy init, oneDNN/cuDNN setup); default
+            ``DEFAULT_WARMUP`` = 10 (analysis.md §5). The app passes a smaller value.
+        repeats: timed iterations per pass (median and IQR reported); default
+            ``DEFAULT_REPEATS`` = 30.
         per_layer: also run the hooked pass for per-layer times.
         threads: CPU threads for the measurement (``torch.set_num_threads``, restored after);
             None keeps the current setting. Always labelled.
@@ -663,8 +669,8 @@ def profile_model(
     device: str | torch.device = "cpu",
     batch: int = 1,
     dtype: torch.dtype = torch.float32,
-    warmup: int = 3,
-    repeats: int = 10,
+    warmup: int = DEFAULT_WARMUP,
+    repeats: int = DEFAULT_REPEATS,
     per_layer: bool = True,
     threads: int | None = None,
     latency: bool = True,
@@ -690,7 +696,10 @@ def profile_model(
 
     Returns:
         {"model", "input": {"shape", "dtype", "device"}, "params": ParamReport dict,
-        "flops": FlopReport dict, "latency": LatencyReport dict or None, "units": per-unit rows
+        "flops": FlopReport dict, "latency": LatencyReport dict or None, "latency_ms" (whole
+        model, unhooked median), "per_layer_sum_ms" (Σ of the per-unit medians of the hooked
+        pass), "hooked_total_ms" (median wall time of the hooked pass) — the three are None
+        without latency, the last two also without ``per_layer`` —, "units": per-unit rows
         {"name", "type", "params", "flops", "macs", "latency_ms", "uncounted_ops"} on the
         latency partition, "param_deltas" (if reference), "deploy" (same keys, or None),
         "form": "train" | None}.
@@ -751,5 +760,9 @@ def _profile_one(
         "params": params.to_dict(),
         "flops": flops.to_dict(),
         "latency": lat.to_dict() if lat is not None else None,
+        # the whole-model figure and the sum of the per-layer ones side by side (analysis.md §2)
+        "latency_ms": lat.median_ms if lat is not None else None,
+        "per_layer_sum_ms": lat.per_layer_sum_ms if lat is not None else None,
+        "hooked_total_ms": lat.hooked_total_ms if lat is not None else None,
         "units": rows,
     }
