@@ -199,3 +199,47 @@ def test_image_independent_work_is_cached_per_model(bb, monkeypatch):
     assert first.theoretical_rf == again.theoretical_rf == other.theoretical_rf
     first.theoretical_rf["r"] = -1  # a copy: the cache is not affected
     assert analyze([_image(7)], bb, [e], redundancy=False, profile=False).models[0].theoretical_rf["r"] > 0
+
+
+def test_optional_phase_errors_are_reported_but_out_of_memory_propagates(bb, entries, monkeypatch):
+    """A failing optional phase (redundancy) is reported per model and the rest still runs; an
+    out-of-memory error in it is not swallowed (the app frees memory and tells the user)."""
+    import viz.redundancy as vr
+
+    def broken(*a, **k):
+        raise ValueError("broken metric")
+
+    monkeypatch.setattr(vr, "redundancy_metrics", broken)
+    a = analyze([_image(0)], bb, entries[:2], erf=False, profile=False)
+    assert all(m.errors.get("redundancy") == "ValueError: broken metric" for m in a.models)
+    assert all(m.cams for m in a.models)
+    d = a.to_dict()
+    assert d["models"][0]["errors"]["redundancy"] == "ValueError: broken metric"
+    assert {"record", "backward", "maps", "redundancy"} <= set(d["models"][0]["timings"])
+    assert "cka" in d["timings"]
+
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(vr, "redundancy_metrics", oom)
+    with pytest.raises(torch.OutOfMemoryError):
+        analyze([_image(0)], bb, entries[:1], erf=False, profile=False)
+
+    def cpu_oom(*a, **k):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
+
+    monkeypatch.setattr(vr, "redundancy_metrics", cpu_oom)
+    with pytest.raises(RuntimeError, match="can't allocate memory"):
+        analyze([_image(0)], bb, entries[:1], erf=False, profile=False)
+
+
+def test_report_has_the_per_layer_latency_sum(bb, entries):
+    from viz.analysis import cached_profile
+
+    a = analyze([_image(0)], bb, entries[:1], erf=False, redundancy=False, profile=True, latency=True)
+    m = a.to_dict()["models"][0]
+    lat = cached_profile(entries[0].model, 64, latency=True)["latency"]
+    assert m["latency_ms"] and m["latency_ms"] > 0
+    assert m["latency_per_layer_sum_ms"] == lat["per_layer_sum_ms"] and m["latency_per_layer_sum_ms"] > 0
+    assert m["latency_hooked_total_ms"] == lat["hooked_total_ms"]
+    assert sum(r["latency_ms"] for r in m["layers"]) <= m["latency_per_layer_sum_ms"] + 1e-9

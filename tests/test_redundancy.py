@@ -327,3 +327,37 @@ def test_linear_cka_many_equals_linear_cka():
     assert linear_cka_many(x, [], mode="positions") == []
     with pytest.raises(ValueError, match="equal h×w"):
         linear_cka_many(x, [torch.randn(2, 5, 3, 3)], mode="positions")
+
+
+def test_float32_pair_passes_agree_with_float64():
+    """``pair_dtype=torch.float32`` (what analyze() uses) changes only the precision of the
+    C′×C′ cosine passes of the wide path: every metric agrees with float64 to ~1e-6, the
+    spectra are identical (always float64)."""
+    g = torch.Generator().manual_seed(11)
+    base = torch.relu(torch.randn(1, 64, 5, 5, generator=g))
+    a = torch.cat([base, base[:, :40] * 1.7 + 0.05 * torch.randn(1, 40, 5, 5, generator=g)], 1)  # C = 104 > M = 25
+    r64 = redundancy_metrics(a, max_display=32)
+    r32 = redundancy_metrics(a, max_display=32, pair_dtype=torch.float32)
+    assert r64["mean_abs_cos"] != r32["mean_abs_cos"]  # really a different (single-precision) pass
+    for k in ("mean_abs_cos", "mean_abs_cos_plain", "mean_abs_cos_centred", "share_pairs_above_tau",
+              "near_duplicate_fraction", "distinct_fraction"):
+        assert r32[k] == pytest.approx(r64[k], rel=1e-5, abs=1e-7), k
+    for k in ("erank", "participation_ratio", "k90", "stable_rank"):
+        assert r32[k] == r64[k], k
+    np.testing.assert_allclose(r32["similarity"]["matrix"], r64["similarity"]["matrix"], atol=1e-6)
+    with pytest.raises(ValueError, match="pair_dtype"):
+        redundancy_metrics(a, pair_dtype=torch.float16)
+
+
+def test_linear_cka_many_float32_agrees():
+    from viz.redundancy import linear_cka_many
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.relu(torch.randn(2, 48, 8, 8, generator=g))
+    ys = [torch.relu(x + 0.7 * torch.randn(2, 48, 8, 8, generator=g)), torch.randn(2, 24, 8, 8, generator=g)]
+    got64 = linear_cka_many(x, ys, mode="positions")
+    got32 = linear_cka_many(x, ys, mode="positions", dtype=torch.float32)
+    assert got32 == pytest.approx(got64, rel=1e-5, abs=1e-6)
+    assert got32 != got64
+    with pytest.raises(ValueError, match="dtype"):
+        linear_cka_many(x, ys, mode="positions", dtype=torch.float16)

@@ -132,6 +132,7 @@ class Analysis:
                 "top5": [{"label": lbl, "prob": p} for lbl, p in (m.topk[0] if m.topk else [])],
                 "top5_per_image": [[{"label": lbl, "prob": p} for lbl, p in t] for t in m.topk],
                 "params": None, "flops": None, "macs": None, "latency_ms": None,
+                "latency_per_layer_sum_ms": None, "latency_hooked_total_ms": None,
                 "layers": [],
                 "gradcam": [],
                 "taps": [],
@@ -143,7 +144,8 @@ class Analysis:
                 "extra": _jsonable(m.extra),
             }
             cost = cost_summary(m.cost, self.layers)
-            for k in ("params", "flops", "macs", "latency_ms", "latency_iqr_ms", "flops_status", "flops_units"):
+            for k in ("params", "flops", "macs", "latency_ms", "latency_iqr_ms", "latency_per_layer_sum_ms",
+                      "latency_hooked_total_ms", "flops_status", "flops_units"):
                 d[k] = _jsonable(cost.get(k))
             d["latency_labels"] = _jsonable(cost.get("latency_labels"))
             if m.cost and m.cost.get("deploy"):
@@ -215,6 +217,15 @@ def _jsonable(x: Any) -> Any:
 _COST_CACHE: weakref.WeakKeyDictionary[nn.Module, dict[tuple[str, int, bool], dict]] = weakref.WeakKeyDictionary()
 
 
+def _is_fatal(exc: BaseException) -> bool:
+    """Out-of-memory errors (CUDA or the CPU allocator): never swallowed by an optional phase, so
+    the caller frees memory and tells the user, instead of showing a silently empty panel."""
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    msg = str(exc)
+    return isinstance(exc, RuntimeError) and ("can't allocate memory" in msg or "out of memory" in msg.lower())
+
+
 def cached_profile(
     model: nn.Module,
     input_size: int,
@@ -267,6 +278,8 @@ def cost_summary(profile: dict[str, Any] | None, layers: Sequence[str] = ()) -> 
         "latency_ms": lat.get("median_ms") if lat else None,
         "latency_iqr_ms": lat.get("iqr_ms") if lat else None,
         "latency_labels": lat.get("labels") if lat else None,
+        "latency_per_layer_sum_ms": lat.get("per_layer_sum_ms") if lat else None,
+        "latency_hooked_total_ms": lat.get("hooked_total_ms") if lat else None,
         "layers": {},
     }
     for layer in layers:
@@ -470,6 +483,7 @@ def analyze(
                 record = rec.finish(target=list(targets), **erf_kw)
             timings["backward"] = time.perf_counter() - t
         del xi
+        t = time.perf_counter()
         cams = {}
         for layer in chosen:
             try:
@@ -477,13 +491,18 @@ def analyze(
             except ValueError as e:
                 errors[f"gradcam/{layer}"] = str(e)
         taps = summarize_taps(record, entry.model)
+        timings["maps"] = time.perf_counter() - t  # Grad-CAM maps + tap summaries from the record
         extra: dict[str, Any] = {}
         if _fusable(entry.model):
+            t = time.perf_counter()
             try:
                 with entry.lock:
                     extra["fuse_max_abs_diff"] = cached_fuse_difference(entry.model, record.logits, x)
             except Exception as e:
+                if _is_fatal(e):
+                    raise
                 errors["fuse"] = f"{type(e).__name__}: {e}"
+            timings["fuse"] = time.perf_counter() - t  # ACB fused-vs-unfused check (cached per model/input)
         red: dict[str, dict] = {}
         if redundancy:
             t = time.perf_counter()
@@ -491,8 +510,10 @@ def analyze(
                 from viz.redundancy import redundancy_metrics
 
                 for layer in chosen:
-                    red[layer] = redundancy_metrics(record.activation(layer))
+                    red[layer] = redundancy_metrics(record.activation(layer), pair_dtype=torch.float32)
             except Exception as e:  # optional phase: report, never crash
+                if _is_fatal(e):
+                    raise
                 errors["redundancy"] = f"{type(e).__name__}: {e}"
             timings["redundancy"] = time.perf_counter() - t
         done += 1
@@ -515,10 +536,14 @@ def analyze(
                 else:
                     errors["erf"] = f"ValueError: {record.erf_error}"
             except Exception as e:
+                if _is_fatal(e):
+                    raise
                 errors["erf"] = f"{type(e).__name__}: {e}"
             try:
                 res.theoretical_rf = cached_theoretical_rf(entry.model, erf_at, int(x.shape[-1]))
             except Exception as e:
+                if _is_fatal(e):
+                    raise
                 errors["theoretical_rf"] = f"{type(e).__name__}: {e}"
             timings["erf"] = time.perf_counter() - t
             done += 1
@@ -529,12 +554,15 @@ def analyze(
                 with entry.lock:
                     res.cost = cached_profile(entry.model, int(x.shape[-1]), device=x.device, latency=latency)
             except Exception as e:
+                if _is_fatal(e):
+                    raise
                 errors["profile"] = f"{type(e).__name__}: {e}"
             timings["profile"] = time.perf_counter() - t
             done += 1
         results.append(res)
 
     cka: dict[str, dict[str, float]] = {}
+    t_cka = time.perf_counter()
     if redundancy and len(results) > 1:
         try:
             from viz.redundancy import linear_cka_many
@@ -550,9 +578,11 @@ def analyze(
                         continue
                     labels.append(r.label)
                     ys.append(b.permute(0, 2, 3, 1).reshape(-1, b.shape[1]))
-                # the reference's features and self-HSIC once per layer (same values as linear_cka)
-                cka[layer] = dict(zip(labels, linear_cka_many(xa, ys)))
+                # the reference's features and self-HSIC once per layer; float32 products (display values, ~1e-6)
+                cka[layer] = dict(zip(labels, linear_cka_many(xa, ys, dtype=torch.float32)))
         except Exception as e:
+            if _is_fatal(e):
+                raise
             for r in results:
                 r.errors["cka"] = f"{type(e).__name__}: {e}"
     report(1.0, "done")
@@ -570,5 +600,6 @@ def analyze(
         models=results,
         cka=cka,
         erf_layer=erf_at if erf else None,
-        timings={"load": t_load},
+        timings={"load": t_load, "cka": time.perf_counter() - t_cka} if redundancy and len(results) > 1
+        else {"load": t_load},
     )
