@@ -214,3 +214,53 @@ def test_deform_conv2d_counted_by_custom_formula():
     rep = count_flops(Deform(), torch.randn(2, 4, 5, 5))
     assert rep.total_flops == 2 * 2 * 6 * 5 * 5 * 4 * 9
     assert any("deform_conv2d" in n for n in rep.notes)
+
+
+def test_flop_counting_and_fx_tracing_are_thread_safe():
+    """FlopCounterMode tracks modules with process-wide hooks and torch.fx patches
+    nn.Module.__call__ process-wide: two threads counting / tracing different models must get
+    the sequential results (viz._locks.PROCESS_STATE_LOCK serialises them)."""
+    import threading
+
+    from viz._locks import PROCESS_STATE_LOCK, process_state_lock
+    from viz.rf import theoretical_rf
+
+    torch.manual_seed(0)
+    m1 = torchvision.models.resnet18(num_classes=10).eval()
+    m2 = plugconv.swap_convs(torchvision.models.resnet34(num_classes=10).eval(), "saconv",
+                             include="layer2.*.conv2", probe_size=32).model.eval()
+    x = torch.randn(1, 3, 32, 32)
+
+    def work(m):
+        f = count_flops(m, x)
+        return f.total_flops, f.per_module, f.uncounted, theoretical_rf(m, "layer4", 32)
+
+    seq = [work(m1), work(m2)]
+    got: dict[int, list] = {0: [], 1: []}
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(2)
+
+    def run(i: int, m) -> None:
+        try:
+            barrier.wait()
+            for _ in range(4):
+                got[i].append(work(m))
+        except BaseException as e:  # pragma: no cover - surfaced below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i, m)) for i, m in enumerate((m1, m2))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for i in (0, 1):
+        assert len(got[i]) == 4
+        for res in got[i]:
+            assert res[0] == seq[i][0]
+            assert res[1] == seq[i][1] and res[2] == seq[i][2]
+            assert res[3] == seq[i][3]
+    # re-entrant, and usable by callers that hold a model lock first
+    model_lock = threading.Lock()
+    with model_lock, process_state_lock(), PROCESS_STATE_LOCK:
+        assert count_flops(m1, x).total_flops == seq[0][0]

@@ -37,6 +37,8 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
+from viz._locks import PROCESS_STATE_LOCK
+
 #: latency defaults for reported numbers (analysis.md §5: warm up with >= 10 iterations, repeat
 #: >= 30 times, report the median); interactive callers (the app) pass cheaper values explicitly
 DEFAULT_WARMUP = 10
@@ -250,8 +252,9 @@ def count_flops(model: nn.Module, x: torch.Tensor) -> FlopReport:
     """Forward FLOPs/MACs of ``model(x)`` via ``FlopCounterMode(display=False, depth=None)``.
 
     Runs one forward under ``torch.no_grad()`` (backward is never counted). The model's
-    train/eval flags are not touched; run it serialised with other forwards on the same model
-    (module tracking uses global hooks).
+    train/eval flags are not touched; run it serialised with other forwards on the same model.
+    Module tracking uses process-wide hooks, so the counting holds
+    :data:`viz._locks.PROCESS_STATE_LOCK` (take a model lock first, if any, then this one).
 
     Args:
         model: N×3×H×W -> anything.
@@ -262,7 +265,8 @@ def count_flops(model: nn.Module, x: torch.Tensor) -> FlopReport:
     """
     fc = FlopCounterMode(display=False, depth=None, custom_mapping=_custom_mapping())
     rec = _UncountedOps(fc)
-    with torch.no_grad(), rec, fc:
+    # FlopCounterMode's module tracker uses process-wide module hooks: one counting at a time
+    with PROCESS_STATE_LOCK, torch.no_grad(), rec, fc:
         model(x)
     raw = fc.get_flop_counts()
     total = int(fc.get_total_flops())

@@ -36,6 +36,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from viz._locks import PROCESS_STATE_LOCK
+
 _POOLS = (nn.MaxPool2d, nn.AvgPool2d)
 _GLOBAL_POOLS = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
 _GLOBAL_NORMS = (nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.LocalResponseNorm)
@@ -144,7 +146,9 @@ class _RFTracer(fx.Tracer):
 
 def _trace(model: nn.Module) -> fx.Graph:
     try:
-        return _RFTracer().trace(model)
+        # fx patches nn.Module.__call__ process-wide while it traces: one trace (or FLOP count) at a time
+        with PROCESS_STATE_LOCK:
+            return _RFTracer().trace(model)
     except Exception as e:  # fx raises many types (TraceError, TypeError, ...)
         raise ValueError(
             f"cannot trace {type(model).__name__} with torch.fx for the theoretical RF "
