@@ -31,8 +31,10 @@ except ImportError:  # pragma: no cover - the normal case off Spaces
         return fn if fn is not None else (lambda f: f)
 
 
+import asyncio
 import collections
 import contextlib
+import contextvars
 import dataclasses
 import gc
 import html
@@ -547,14 +549,57 @@ def _temp_dir() -> Path:
     return d
 
 
+class Cancelled(BaseException):
+    """Raised at a progress point when the request was cancelled (Stop, or the client went away).
+
+    A ``BaseException``, like ``KeyboardInterrupt``: the optional phases of ``viz.analysis`` catch
+    ``Exception`` and must not swallow it. Locks are released by their ``with`` blocks and a model
+    whose build is interrupted is not cached (``LRUCache`` retries on the next request).
+    """
+
+
+#: the cancel flag of the request running in this context (set by :func:`run_cancellable`)
+_CANCEL: contextvars.ContextVar[threading.Event | None] = contextvars.ContextVar("plugconv_cancel", default=None)
+
+
+def check_cancelled() -> None:
+    """Raise :class:`Cancelled` when the current request has been cancelled."""
+    ev = _CANCEL.get()
+    if ev is not None and ev.is_set():
+        raise Cancelled("the request was cancelled")
+
+
+async def run_cancellable(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Run the blocking ``fn`` in a worker thread with a per-request cancel flag.
+
+    Gradio stops an event (Stop button ``cancels=[...]``, a closed tab) by cancelling the asyncio
+    task that awaits the handler; a plain sync handler's thread would run on to the end. Here the
+    cancellation sets the flag, and the worker raises :class:`Cancelled` at its next progress
+    point (``_Progress.__call__``: between models and phases, every calibration step), so it stops
+    early and frees the model queue.
+    """
+    cancel = threading.Event()
+    token = _CANCEL.set(cancel)
+    try:
+        # asyncio.to_thread copies the context: the worker sees this request's flag (and Gradio's
+        # progress context)
+        return await asyncio.to_thread(fn, *args, **kwargs)
+    except asyncio.CancelledError:
+        cancel.set()
+        raise
+    finally:
+        _CANCEL.reset(token)
+
+
 class _Progress:
     """Adapts ``gr.Progress`` (or None) to the library's ``progress(fraction, message)``, mapping the
-    fraction into ``[lo, hi]``."""
+    fraction into ``[lo, hi]``; every call is also a cancel point (:func:`check_cancelled`)."""
 
     def __init__(self, progress: Any, lo: float = 0.0, hi: float = 1.0) -> None:
         self.progress, self.lo, self.hi = progress, lo, hi
 
     def __call__(self, fraction: float, message: str = "") -> None:
+        check_cancelled()
         if self.progress is None:
             return
         f = self.lo + (self.hi - self.lo) * min(max(float(fraction), 0.0), 1.0)
@@ -1315,20 +1360,23 @@ def build_demo(config: AppConfig | None = None) -> gr.Blocks:
         }
         controls = [backbone, weights, variants_box, preset, layer, scale, device, use_cal]
 
-        def on_analyze(image_src, backbone_v, weights_v, variants_v, preset_v, layer_v, scale_v, device_v, use_cal_v,
-                       progress=gr.Progress()):  # noqa: B008 - Gradio injects it
-            return analyze_panels(cfg, image_src, backbone_v, weights_v, variants_v, preset_v, layer_v, scale_v,
-                                  device_v, use_cal_v, progress=progress)
+        # async handlers run the blocking work through run_cancellable: Stop (or a closed tab)
+        # cancels the awaiting task, which makes the worker stop at its next progress point
+        async def on_analyze(image_src, backbone_v, weights_v, variants_v, preset_v, layer_v, scale_v, device_v,
+                             use_cal_v, progress=gr.Progress()):  # noqa: B008 - Gradio injects it
+            return await run_cancellable(analyze_panels, cfg, image_src, backbone_v, weights_v, variants_v,
+                                         preset_v, layer_v, scale_v, device_v, use_cal_v, progress=progress)
 
-        def on_profile(backbone_v, weights_v, variants_v, preset_v, device_v, use_cal_v, progress=gr.Progress()):  # noqa: B008 - Gradio injects it
-            return profile_panels(cfg, backbone_v, weights_v, variants_v, preset_v, device_v, use_cal_v,
-                                  progress=progress)
-
-        def on_choice_change(backbone_v, weights_v, variants_v, preset_v, device_v, use_cal_v,
+        async def on_profile(backbone_v, weights_v, variants_v, preset_v, device_v, use_cal_v,
                              progress=gr.Progress()):  # noqa: B008 - Gradio injects it
+            return await run_cancellable(profile_panels, cfg, backbone_v, weights_v, variants_v, preset_v,
+                                         device_v, use_cal_v, progress=progress)
+
+        async def on_choice_change(backbone_v, weights_v, variants_v, preset_v, device_v, use_cal_v,
+                                   progress=gr.Progress()):  # noqa: B008 - Gradio injects it
             # variant or device changed: params / FLOPs now, latency only where already measured
-            return profile_panels(cfg, backbone_v, weights_v, variants_v, preset_v, device_v, use_cal_v,
-                                  progress=progress, measure_latency=False)
+            return await run_cancellable(profile_panels, cfg, backbone_v, weights_v, variants_v, preset_v,
+                                         device_v, use_cal_v, progress=progress, measure_latency=False)
 
         def on_refresh_overview(rid, backbone_v, weights_v, variants_v, preset_v, device_v, use_cal_v):
             return refresh_overview(cfg, rid, backbone_v, weights_v, variants_v, preset_v, device_v, use_cal_v)
@@ -1336,8 +1384,10 @@ def build_demo(config: AppConfig | None = None) -> gr.Blocks:
         def on_downloads(rid):
             return prepare_downloads(rid)
 
-        def on_calibrate(backbone_v, weights_v, variants_v, preset_v, device_v, progress=gr.Progress()):  # noqa: B008 - Gradio injects it
-            return calibrate_panel(cfg, backbone_v, weights_v, variants_v, preset_v, device_v, progress=progress)
+        async def on_calibrate(backbone_v, weights_v, variants_v, preset_v, device_v,
+                               progress=gr.Progress()):  # noqa: B008 - Gradio injects it
+            return await run_cancellable(calibrate_panel, cfg, backbone_v, weights_v, variants_v, preset_v,
+                                         device_v, progress=progress)
 
         def on_backbone(name):
             try:
