@@ -52,17 +52,29 @@ def test_analyze_resnet18_all_variants(resnet_report):
     assert any(t["local"] == "switch" for t in by["saconv"]["taps"])
 
 
-def test_analyze_efficientnet_lite0_bundled(tmp_path):
-    rc = main(["analyze", str(PHOTO), "--backbone", "efficientnet_lite0", "--variants", "conv,scconv,saconv",
-               "--no-latency", "--no-erf", "--no-redundancy", "--out", str(tmp_path), "--quiet"])
+@pytest.fixture(scope="module")
+def lite0_report(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("rep_lite0")
+    rc = main(["analyze", str(PHOTO), "--backbone", "efficientnet_lite0", "--variants", ALL, "--no-latency",
+               "--out", str(out), "--quiet"])
     assert rc == 0
-    d = json.loads((tmp_path / "report.json").read_text())
+    return out
+
+
+def test_analyze_efficientnet_lite0_bundled(lite0_report):
+    d = _check_report(lite0_report, ALL.split(","))  # ERF and redundancy on
     assert d["weights"]["source"] == "bundled" and len(d["layers"]) == 7
     by = {m["variant"]: m for m in d["models"]}
-    # variants that cannot take any site are listed with reasons, never a crash
+    # variants that cannot take a site list it as skipped with a reason, never a crash
+    for v in ("scconv", "selfcal", "spconv"):
+        assert by[v]["skipped"], v
+        assert all(isinstance(s["reason"], str) and s["reason"].strip() for s in by[v]["skipped"]), v
+    for v in ("acb", "saconv"):
+        assert by[v]["swapped"], v
+    assert by["conv"]["swapped"] == []
     for m in by.values():
-        assert m["swapped"] or m["variant"] == "conv" or all(s["reason"] for s in m["skipped"])
         assert m["gradcam"] and m["top5"]
+        assert all(r["redundancy"] for r in m["layers"])
 
 
 def test_bad_image_is_one_line_exit_2(tmp_path, capsys):
@@ -94,16 +106,21 @@ def test_profile_json(capsys):
     assert by["acb"]["deploy"]["params"] == by["conv"]["params"] - c_out
 
 
-CHROMIUM = "/usr/bin/chromium"
+CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
-def test_report_html_opens_offline_without_errors(resnet_report):
-    if not Path(CHROMIUM).exists() or shutil.which(CHROMIUM) is None:
+@pytest.mark.parametrize("report", ["resnet_report", "lite0_report"])
+def test_report_html_opens_offline_without_errors(report, request):
+    if CHROMIUM is None:
         pytest.skip("chromium not installed")
     sync_api = pytest.importorskip("playwright.sync_api")
-    html = (resnet_report / "report.html").read_text()
+    _open_in_chromium(request.getfixturevalue(report), sync_api)
+
+
+def _open_in_chromium(out: Path, sync_api) -> None:
+    html = (out / "report.html").read_text()
     assert '<script src="http' not in html and html.count("* plotly.js v") <= 1  # inlined once, no CDN tag
     errors: list[str] = []
     requests: list[str] = []
@@ -114,7 +131,7 @@ def test_report_html_opens_offline_without_errors(resnet_report):
             page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
             page.on("pageerror", lambda e: errors.append(str(e)))
             page.on("request", lambda r: requests.append(r.url))
-            page.goto((resnet_report / "report.html").as_uri())
+            page.goto((out / "report.html").as_uri())
             page.wait_for_selector(".plotly-graph-div .main-svg", timeout=30000)
             n_plots = page.locator(".plotly-graph-div").count()
             n_rendered = page.evaluate("Array.from(document.querySelectorAll('.plotly-graph-div'))"
