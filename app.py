@@ -651,11 +651,14 @@ def collect_entries(cfg: AppConfig, backbone, weights: str, variants: Sequence[s
     return entries
 
 
-@gpu(duration=120)
 def analyze_core(cfg: AppConfig, image_src: Any, backbone: str, weights: str, variants: Sequence[str] | str,
                  preset: str, layer: str, device: str, use_calibrated: bool = True,
                  progress: Any = None):
     """Load the image and models, then run ``viz.analysis.analyze`` once for all of them.
+
+    The image, the backbone and the prepared models are loaded and cached here, in the main
+    process; only the passes (:func:`analyze_on_device`) run under ``spaces.GPU``, which on ZeroGPU
+    is a forked worker whose module state (the model caches) is thrown away.
 
     Args:
         cfg: app settings.
@@ -672,7 +675,6 @@ def analyze_core(cfg: AppConfig, image_src: Any, backbone: str, weights: str, va
     Raises:
         gr.Error: for everything the user can cause.
     """
-    from viz.analysis import analyze
     from viz.images import load_image
 
     prog = _Progress(progress)
@@ -689,6 +691,21 @@ def analyze_core(cfg: AppConfig, image_src: Any, backbone: str, weights: str, va
         else:
             _check_choice("layer", layer, layer_choices(bb.name))
             layers, erf_layer = [layer], layer
+        return analyze_on_device(cfg, image, bb, entries, layers, erf_layer, progress)
+
+
+@gpu(duration=120)
+def analyze_on_device(cfg: AppConfig, image: Any, bb, entries: Sequence[Any], layers: list[str] | None,
+                      erf_layer: str | None, progress: Any = None):
+    """The passes of one analysis on prepared models (the part that needs the accelerator).
+
+    Touches no app cache (``BACKBONES``, ``MODELS``, ``REPORTS``): on ZeroGPU this runs in a forked
+    worker and only its return value comes back.
+    """
+    from viz.analysis import analyze
+
+    prog = _Progress(progress)
+    with _UserErrors():
         analysis = analyze([image], bb, entries, layers=layers, erf=cfg.erf, redundancy=cfg.redundancy,
                            profile=False, erf_layer=erf_layer, progress=prog.sub(0.2, 0.85 if cfg.profile else 0.9))
         profiles: dict[str, dict[str, Any]] = {}
@@ -738,7 +755,6 @@ def model_profile(entry, backbone, *, repeats: int = 10, warmup: int = 3, latenc
         return cached_profile(entry.model, key[1], device=backbone.device, latency=False)
 
 
-@gpu(duration=60)
 def profile_core(cfg: AppConfig, backbone: str, weights: str, variants: Sequence[str] | str, preset: str,
                  device: str, use_calibrated: bool = True, progress: Any = None,
                  latency: bool = True) -> dict[str, dict[str, Any]]:
@@ -753,9 +769,18 @@ def profile_core(cfg: AppConfig, backbone: str, weights: str, variants: Sequence
     """
     prog = _Progress(progress)
     with _UserErrors():
-        bb = get_backbone(cfg, backbone, weights, device)
+        bb = get_backbone(cfg, backbone, weights, device)  # loaded and cached in the main process
         entries = collect_entries(cfg, bb, weights, variants, preset, use_calibrated=use_calibrated,
                                   progress=prog.sub(0.0, 0.2))
+        return profile_on_device(cfg, bb, entries, latency, progress)
+
+
+@gpu(duration=60)
+def profile_on_device(cfg: AppConfig, bb, entries: Sequence[Any], latency: bool = True,
+                      progress: Any = None) -> dict[str, dict[str, Any]]:
+    """The counted and timed passes of :func:`profile_core` (touches no app model cache)."""
+    prog = _Progress(progress)
+    with _UserErrors():
         out = {}
         for i, e in enumerate(entries):
             prog(0.2 + 0.8 * i / len(entries), f"{e.label}: {'latency' if latency else 'params and FLOPs'}")
@@ -771,7 +796,6 @@ def calibration_images(cfg: AppConfig) -> list:
     return [load_image(p) for p in cfg.example_paths()]
 
 
-@gpu(duration=300)
 def calibrate_core(cfg: AppConfig, backbone: str, weights: str, variants: Sequence[str] | str, preset: str,
                    device: str, progress: Any = None) -> list[dict[str, Any]]:
     """Calibrate every selected variant without exact transfer (cached once per configuration on
@@ -781,7 +805,6 @@ def calibrate_core(cfg: AppConfig, backbone: str, weights: str, variants: Sequen
     Returns:
         One ``CalibrationReport.to_dict()`` per calibrated variant, with ``label`` added.
     """
-    from plugconv.calibrate import calibrate_cached
     from viz.models import ModelEntry, make_analysis_copy, site_presets
 
     prog = _Progress(progress)
@@ -809,10 +832,9 @@ def calibrate_core(cfg: AppConfig, backbone: str, weights: str, variants: Sequen
             if not swap.swapped:
                 reports.append({"label": v, "variant": v, "skipped": "no site could take this variant"})
                 continue
-            kw: dict[str, Any] = {"mean": list(bb.mean), "std": list(bb.std), "device": bb.device,
-                                  "progress": lambda f, m, _s=sub, _v=v: _s(f, f"{_v}: {m}")}
-            kw.update(dict(cfg.calibration_options))
-            rep = calibrate_cached(bb.name, bb.weights, swap, bb.model, images, cache_dir=cfg.calibration_dir, **kw)
+            rep = calibrate_on_device(cfg, bb, swap, images, v, sub)
+            # the calibrated state comes back from the (on ZeroGPU: forked) GPU worker; the entry is
+            # made and cached here, in the main process
             result = rep.swap if rep.swap is not None else swap
             make_analysis_copy(result.model)
             entry = ModelEntry(label=f"{v} (calibrated)", variant=v, model=result.model, swap=result,
@@ -820,6 +842,19 @@ def calibrate_core(cfg: AppConfig, backbone: str, weights: str, variants: Sequen
             MODELS.put(_model_key(bb, weights, v, preset, True), entry)
             reports.append({"label": entry.label, **rep.to_dict()})
         return reports
+
+
+@gpu(duration=300)
+def calibrate_on_device(cfg: AppConfig, bb, swap, images: Sequence[Any], variant: str, progress: _Progress):
+    """Fit one swapped model (``plugconv.calibrate.calibrate_cached``, on-disk cache) and return the
+    ``CalibrationReport`` with the calibrated swap; touches no app model cache."""
+    from plugconv.calibrate import calibrate_cached
+
+    with _UserErrors():
+        kw: dict[str, Any] = {"mean": list(bb.mean), "std": list(bb.std), "device": bb.device,
+                              "progress": lambda f, m: progress(f, f"{variant}: {m}")}
+        kw.update(dict(cfg.calibration_options))
+        return calibrate_cached(bb.name, bb.weights, swap, bb.model, images, cache_dir=cfg.calibration_dir, **kw)
 
 
 # --------------------------------------------------------------------------------------------------
