@@ -43,7 +43,7 @@ RUN if [ "$PREFETCH_WEIGHTS" = "1" ]; then python -m plugconv.prefetch; fi && ch
 
 COPY --chown=user viz/ viz/
 COPY --chown=user assets/ assets/
-COPY --chown=user app.py README.md ./
+COPY --chown=user app.py README.md pyproject.toml ./
 
 USER user
 EXPOSE 7860

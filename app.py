@@ -434,6 +434,12 @@ def weights_choices(cfg: AppConfig) -> list[tuple[str, str]]:
     return out
 
 
+def refresh_weights(cfg: AppConfig) -> gr.Dropdown:
+    """The weights dropdown with the files in the weights directory now (run at every page load,
+    so a file added after the server started can be chosen)."""
+    return gr.Dropdown(choices=weights_choices(cfg))
+
+
 def variant_choices() -> list[str]:
     """Registered conv variants, the baseline ``conv`` first."""
     from plugconv import list_convs
@@ -1460,6 +1466,8 @@ def build_demo(config: AppConfig | None = None) -> gr.Blocks:
             on_calibrate, [backbone, weights, variants_box, preset, device], [cal_out, cal_json],
             api_name="calibrate", concurrency_id="model", concurrency_limit=cfg.concurrency_limit,
         )
+        demo.load(lambda: refresh_weights(cfg), None, [weights], api_visibility="private", queue=False,
+                  show_progress="hidden")
         backbone.change(on_backbone, [backbone], [preset, layer], api_visibility="private", queue=False)
         stop_btn.click(None, None, None, cancels=[run_event, prof_event, change_event, cal_event, dl_event],
                        api_visibility="private")
@@ -1478,6 +1486,7 @@ def launch_kwargs(cfg: AppConfig) -> dict[str, Any]:
         "show_error": False,
         "enable_monitoring": False,
         "footer_links": ["gradio", "settings"],
+        "run_history": False,  # no /gradio_api/runs page, nothing recorded in browsers (gradio.md §5)
         "allowed_paths": [],
         "theme": gr.themes.Soft(primary_hue="indigo", secondary_hue="purple"),
         "css": CSS,

@@ -108,3 +108,21 @@ def test_theoretical_rf_text_prefers_the_library_label() -> None:
     assert "global (via" in app.erf_frame({"models": [{"label": "saconv", "theoretical_rf": trf}]})["theoretical RF"][0]
     assert app._theoretical_rf_text({"r": 99}) == "99 px"  # no label: the number
     assert app._theoretical_rf_text(None) == "–"
+
+
+def test_weights_dropdown_refreshes_at_page_load(cfg, tmp_path) -> None:
+    demo = app.build_demo(cfg)
+    weights_id = next(b._id for b in demo.blocks.values() if getattr(b, "elem_id", None) == "weights")
+    loads = [fn for fn in demo.fns.values() if any(t[1] == "load" for t in fn.targets)
+             and [o._id for o in fn.outputs] == [weights_id]]
+    assert len(loads) == 1
+    (Path(cfg.weights_dir) / "late.safetensors").write_bytes(b"{}")
+    try:
+        dd = loads[0].fn()
+        assert ("file: late.safetensors", "late.safetensors") in [tuple(c) for c in dd.choices]
+    finally:
+        (Path(cfg.weights_dir) / "late.safetensors").unlink()
+
+
+def test_run_history_is_off() -> None:
+    assert app.launch_kwargs(app.AppConfig())["run_history"] is False

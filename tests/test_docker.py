@@ -145,7 +145,7 @@ def test_every_copy_source_exists_and_is_not_ignored(instrs):
             assert not _ignored(path, patterns), f"COPY source {src} is excluded by .dockerignore"
     # the app's runtime files are all copied
     copied = " ".join(copies)
-    for needed in ("requirements.txt", "plugconv/", "viz/", "assets/", "app.py"):
+    for needed in ("requirements.txt", "plugconv/", "viz/", "assets/", "app.py", "pyproject.toml"):  # version
         assert needed in copied, needed
 
 

@@ -232,3 +232,8 @@ def test_public_url_payload_is_not_fetched(la: LaunchedApp, url: str, monkeypatc
     with pytest.raises(gr.Error, match="URLs are not fetched"):
         image.move_resource_to_block_cache(url)
     assert calls == []
+
+
+def test_run_history_is_disabled(la: LaunchedApp) -> None:
+    """launch(run_history=False): the page records no runs and offers no run-history page."""
+    assert _get(la, "/config").json().get("run_history") is False
