@@ -26,7 +26,28 @@ def _tiny_backbone(size: int = 64) -> Backbone:
 
 def _no_hooks(model: nn.Module) -> bool:
     return all(not m._forward_hooks and not m._forward_pre_hooks and not m._backward_hooks
+               and not m._backward_pre_hooks and not m._forward_hooks_with_kwargs
+               and not m._forward_pre_hooks_with_kwargs and not m._forward_hooks_always_called
                for m in model.modules())
+
+
+_GLOBAL_HOOK_DICTS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                      "_global_backward_pre_hooks", "_global_forward_hooks_with_kwargs",
+                      "_global_forward_hooks_always_called", "_global_module_registration_hooks",
+                      "_global_parameter_registration_hooks", "_global_buffer_registration_hooks")
+
+
+def _global_hook_counts() -> dict[str, int]:
+    import torch.nn.modules.module as mm
+
+    return {n: len(getattr(mm, n)) for n in _GLOBAL_HOOK_DICTS if hasattr(mm, n)}
+
+
+def _live_tensors() -> int:
+    gc.collect()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))
 
 
 @pytest.fixture(scope="module")
@@ -184,6 +205,41 @@ def test_no_accumulation_over_50_passes(entry):
     gc.collect()
     assert live() <= before
     assert _no_hooks(entry.model)
+
+
+def test_no_accumulation_over_50_passes_with_erf_and_taps():
+    """saconv (switch / branch taps fire) with the ERF input gradient on the recorded graph."""
+    from PIL import Image
+    from torchvision.models.resnet import BasicBlock, ResNet
+
+    from viz.analysis import analyze
+
+    torch.manual_seed(0)
+    net = ResNet(BasicBlock, [1, 1, 1, 1], num_classes=10).eval()  # a ResNet-10: half of resnet18's blocks
+    bb = Backbone("resnet18", net, 32, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225),
+                  tuple(f"c{i}" for i in range(10)), WeightsInfo("random", None, None, "test"), torch.device("cpu"))
+    saconv = prepare_model(bb, "saconv")
+    assert saconv.swap.swapped
+    img = Image.new("RGB", (40, 36), (20, 160, 90))
+    globals_before = _global_hook_counts()
+    kw = dict(erf=True, erf_layer="layer3", redundancy=False, profile=False)
+    a = analyze([img], bb, [saconv], **kw)  # warm-up (lazy init, caches)
+    res = a.models[0]
+    assert res.erf is not None and res.taps and not res.errors, res.errors
+    del a, res
+    before = _live_tensors()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: one thread is faster on a shared machine
+    try:
+        for _ in range(50):
+            a = analyze([img], bb, [saconv], **kw)
+    finally:
+        torch.set_num_threads(threads)
+    assert a.models[0].erf is not None and a.models[0].taps
+    del a
+    assert _live_tensors() <= before
+    assert _no_hooks(saconv.model)
+    assert _global_hook_counts() == globals_before
 
 
 def test_concurrent_analyses_are_isolated(entry):
