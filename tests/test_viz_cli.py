@@ -211,3 +211,39 @@ def test_analyze_latency_uses_repeats_and_warmup(tmp_path):
     assert m["latency_labels"]["repeats"] == 2 and m["latency_labels"]["warmup"] == 0
     assert m["latency_labels"]["input_size"] == "224×224" and m["latency_labels"]["batch"] == 1
     assert m["timings"]["profile"] > 0
+
+
+def test_report_html_names_the_mode_deploy_cost_latency_sum_and_image_count(tmp_path):
+    import re
+
+    import torch
+    from PIL import Image
+    from torchvision.models import resnet18
+
+    from plugconv.backbones import Backbone, WeightsInfo
+    from viz.analysis import analyze, cached_profile
+    from viz.models import prepare_model
+    from viz.report import render_html, write_report
+
+    torch.manual_seed(0)
+    bb = Backbone("resnet18", resnet18(num_classes=10).eval(), 64, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225),
+                  tuple(f"c{i}" for i in range(10)), WeightsInfo("random", None, None, "test"), torch.device("cpu"))
+    entries = [prepare_model(bb, v) for v in ("conv", "acb")]
+    for e in entries:  # cheap latency settings, read back by analyze() from the cache
+        cached_profile(e.model, 64, device="cpu", latency=True, repeats=2, warmup=0)
+    imgs = [Image.new("RGB", (64, 64), c) for c in ((200, 30, 30), (30, 30, 200))]
+    a = analyze(imgs, bb, entries, layers=["layer3", "layer4"], erf=False, redundancy=False, profile=True)
+    write_report(a, tmp_path, mode="global")
+    page = (tmp_path / "report.html").read_text()
+    d = json.loads((tmp_path / "report.json").read_text())
+    heading = re.search(r"<h2>(Grad-CAM[^<]*)</h2>", page).group(1)
+    assert "global colour scale" in heading and "shared" not in heading
+    assert "showing image 1 of 2" in heading and "showing image 1 of 2" in page.split("Variant taps")[1][:80]
+    acb = {m["variant"]: m for m in d["models"]}["acb"]
+    assert acb["deploy"]["params"] is not None
+    assert "deploy form (ACB fused)" in page and f"{acb['deploy']['params'] / 1e6:.3f} M params" in page
+    assert f"{acb['deploy']['flops'] / 1e9:.3f} GFLOPs" in page
+    assert page.count("Σ layers ") >= 2 and "median of 2 after 0 warm-up" in page
+    assert page.count("* plotly.js v") <= 1 and '<script src="http' not in page
+    per_panel = render_html(a, d, tmp_path, mode="per-panel")
+    assert "per-panel colour scale" in re.search(r"<h2>(Grad-CAM[^<]*)</h2>", per_panel).group(1)

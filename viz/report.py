@@ -4,7 +4,7 @@ Layout of ``out_dir``::
 
     report.json                      the Analysis.to_dict() structure (with PNG paths filled in)
     report.html                      opens offline: PNGs embedded as base64, plotly inlined once
-    figures/gradcam.png              Grad-CAM grid (rows: layers, columns: models), shared colour mode
+    figures/gradcam.png              Grad-CAM grid (rows: layers, columns: models), in ``mode`` (image 1)
     figures/taps.png, figures/erf.png
     gradcam/<model>/<layer>.png      one overlay per model and layer (shared limits per layer)
     taps/<model>/<tap>.png           spatial taps over the crop; channel weights as a strip
@@ -144,7 +144,7 @@ def write_report(analysis: Analysis, out_dir: str | Path, *, mode: str = "shared
     path = out / "report.json"
     path.write_text(json.dumps(d, indent=1, allow_nan=False, default=str), encoding="utf-8")
     if html_report:
-        (out / "report.html").write_text(render_html(analysis, d, out), encoding="utf-8")
+        (out / "report.html").write_text(render_html(analysis, d, out, mode=mode), encoding="utf-8")
     return path
 
 
@@ -164,9 +164,51 @@ def _img_tag(out: Path, rel: str | None, alt: str, width: int | None = None) -> 
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"{w}>'
 
 
-def render_html(analysis: Analysis, d: dict[str, Any], out: Path) -> str:
-    """Self-contained HTML (PNGs as base64, plotly.js inlined once, no CDN, no external requests)."""
+#: how each Grad-CAM colour mode sets the limits (analysis.md §1.2)
+MODE_TEXT = {
+    "per-panel": "per-panel colour scale (each map its own limits)",
+    "shared": "shared colour scale per layer (across the models compared)",
+    "global": "global colour scale (one scale over every layer and model)",
+}
+
+
+def _latency_cell(m: dict[str, Any], cost: dict[str, Any] | None) -> str:
+    """Whole-model latency with the sum of the per-layer latencies beside it (analysis.md §2)."""
+    if m.get("latency_ms") is None:
+        return ""
+    lat = (cost or {}).get("latency") or {}
+    per_sum = m.get("latency_per_layer_sum_ms", lat.get("per_layer_sum_ms"))
+    cell = f"{m['latency_ms']:.2f}"
+    if per_sum is not None:
+        cell += f"<br><span class='small'>Σ layers {per_sum:.2f} (hooked)</span>"
+    return cell
+
+
+def _deploy_cell(m: dict[str, Any]) -> str:
+    """ACB deploy form (branches fused into one conv): params / FLOPs / latency, or empty."""
+    dep = m.get("deploy")
+    if not dep:
+        return ""
+    bits = []
+    if dep.get("params") is not None:
+        bits.append(f"{dep['params'] / 1e6:.3f} M params")
+    if dep.get("flops") is not None:
+        bits.append(f"{dep['flops'] / 1e9:.3f} GFLOPs")
+    if dep.get("latency_ms") is not None:
+        bits.append(f"{dep['latency_ms']:.2f} ms")
+    return "<br>".join(bits)
+
+
+def render_html(analysis: Analysis, d: dict[str, Any], out: Path, *, mode: str = "shared") -> str:
+    """Self-contained HTML (PNGs as base64, plotly.js inlined once, no CDN, no external requests).
+
+    ``mode`` is the Grad-CAM colour mode the figures were drawn with (named in the heading).
+    """
     e = html.escape
+    n_img = int(d.get("n_images") or len(getattr(analysis, "images", ()) or ()) or 1)
+    which = f" — showing image 1 of {n_img}" if n_img > 1 else ""
+    costs = {m.label: m.cost for m in analysis.models}
+    has_deploy = any(m.get("deploy") for m in d["models"])
     parts = [
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
         f"<title>plugconv report: {e(d['backbone'])}</title>",
@@ -179,7 +221,8 @@ def render_html(analysis: Analysis, d: dict[str, Any], out: Path) -> str:
         f"Grad-CAM target: {e(', '.join(f'{c} ({lbl})' for c, lbl in zip(d['target']['classes'], d['target']['labels'])))} "
         f"({e(d['target']['rule'])}; score: pre-softmax logit)</p>",
         "<h2>Models</h2><table><tr><th>model</th><th>swapped</th><th>skipped</th><th>provenance</th><th>top-5</th>"
-        "<th>params</th><th>FLOPs</th><th>latency (ms)</th></tr>",
+        "<th>params</th><th>FLOPs</th><th>latency (ms)</th>"
+        + ("<th>deploy form (ACB fused)</th>" if has_deploy else "") + "</tr>",
     ]
     for m in d["models"]:
         top = "<br>".join(f"{e(t['label'])}: {t['prob']:.3f}" for t in m["top5"])
@@ -189,15 +232,25 @@ def render_html(analysis: Analysis, d: dict[str, Any], out: Path) -> str:
         prov = ", ".join(sorted(set(m["provenance"].values()))) or "unchanged"
         fl = "" if m["flops"] is None else f"{m['flops'] / 1e9:.3f} G"
         pr = "" if m["params"] is None else f"{m['params'] / 1e6:.3f} M"
-        la = "" if m["latency_ms"] is None else f"{m['latency_ms']:.2f}"
+        la = _latency_cell(m, costs.get(m["label"]))
+        dep = f"<td class='small'>{_deploy_cell(m)}</td>" if has_deploy else ""
         parts.append(f"<tr><td>{e(m['label'])}</td><td>{len(m['swapped'])}</td><td class='small'>{skipped}</td>"
-                     f"<td>{e(prov)}</td><td class='small'>{top}</td><td>{pr}</td><td>{fl}</td><td>{la}</td></tr>")
+                     f"<td>{e(prov)}</td><td class='small'>{top}</td><td>{pr}</td><td>{fl}</td><td>{la}</td>{dep}</tr>")
     parts.append("</table>")
+    labels = next((m.get("latency_labels") for m in d["models"] if m.get("latency_labels")), None)
+    if labels:
+        parts.append(
+            f"<p class='small'>Latency: {e(str(labels.get('statistic')))} after {e(str(labels.get('warmup')))} "
+            f"warm-up passes, unhooked · {e(str(labels.get('device')))} · {e(str(labels.get('dtype')))} · batch "
+            f"{e(str(labels.get('batch')))} · {e(str(labels.get('input_size')))} · {e(str(labels.get('threads')))} "
+            "threads. Σ layers: sum of per-layer medians from a separate hooked pass (includes hook overhead).</p>")
     for m in d["models"]:
         if m.get("errors"):
             parts.append(f"<p class='warn'>{e(m['label'])}: " + "; ".join(f"{e(k)}: {e(v)}" for k, v in m["errors"].items()) + "</p>")
-    for key, title in (("figure/gradcam", "Grad-CAM (raw signed maps, shared colour scale per layer)"),
-                       ("figure/taps", "Variant taps"), ("figure/erf", "Effective receptive field")):
+    mode_text = MODE_TEXT.get(mode, f"{mode} colour scale")
+    erf_n = f" (mean over {n_img} images)" if n_img > 1 else ""
+    for key, title in (("figure/gradcam", f"Grad-CAM (raw signed maps, {mode_text}){which}"),
+                       ("figure/taps", f"Variant taps{which}"), ("figure/erf", f"Effective receptive field{erf_n}")):
         rel = analysis.files.get(key)
         if rel:
             parts.append(f"<h2>{e(title)}</h2>{_img_tag(out, rel, title)}")
@@ -209,7 +262,7 @@ def render_html(analysis: Analysis, d: dict[str, Any], out: Path) -> str:
             if isinstance(fig, str):
                 parts.append(f"<p class='warn'>{e(title)}: {e(fig)}</p>")
                 continue
-            parts.append(fig.to_html(full_html=False, include_plotlyjs="inline" if first else False))
+            parts.append(fig.to_html(full_html=False, include_plotlyjs=first))
             first = False
     parts.append("<h2>Numbers</h2><pre class='small'>" + e(json.dumps(
         {"erf": {m["label"]: m["erf"] for m in d["models"]}, "cka": d["cka"], "timings": {m["label"]: m["timings"] for m in d["models"]}},
