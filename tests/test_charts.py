@@ -192,3 +192,38 @@ def test_cost_summary_says_when_latency_is_not_measured(profiles):
     assert any("not measured yet" in (a.text or "") for a in fig.layout.annotations)
     timed = cost_summary(profiles)
     assert not any("not measured" in (a.text or "") for a in timed.layout.annotations)
+
+
+def test_building_figures_and_report_does_not_import_pyplot(tmp_path):
+    """Figures are built with matplotlib's object API (thread-safe); pyplot's global state is never
+    imported. Run in a fresh interpreter so other tests' imports do not mask it."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    script = f"""
+import sys, torch
+from PIL import Image
+from torchvision.models import resnet18
+from plugconv.backbones import Backbone, WeightsInfo
+from viz.analysis import analyze
+from viz.models import prepare_model
+from viz.report import write_report
+torch.manual_seed(0)
+bb = Backbone("resnet18", resnet18(num_classes=10).eval(), 32, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225),
+              tuple(f"c{{i}}" for i in range(10)), WeightsInfo("random", None, None, "test"), torch.device("cpu"))
+entries = [prepare_model(bb, v) for v in ("conv", "saconv", "acb")]
+a = analyze([Image.new("RGB", (32, 32), (90, 140, 30))], bb, entries, erf=True, redundancy=True, profile=True,
+            latency=False)
+write_report(a, {str(tmp_path)!r}, mode="global")
+import viz.figures, viz.charts
+assert "matplotlib" in sys.modules, "the figures were not built with matplotlib"
+print("PYPLOT", "matplotlib.pyplot" in sys.modules)
+"""
+    r = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "PYTHONPATH": str(root), "MPLBACKEND": "agg"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "PYPLOT False" in r.stdout, r.stdout
+    assert (tmp_path / "figures" / "gradcam.png").is_file() and (tmp_path / "report.html").is_file()

@@ -71,7 +71,7 @@ def test_colour_modes():
     assert {v.vmax for v in glob.values()} == {10.0}
     seq = color_limits({k: np.clip(v, 0, None) for k, v in panels.items()}, mode="per-panel", signed=False)
     assert seq[("b", "l1")].vmin == 0.0 and seq[("b", "l1")].vmax == 0.5 and seq[("b", "l1")].cmap == "viridis"
-    assert shared[("a", "l1")].cmap == "RdBu_r"
+    assert shared[("a", "l1")].cmap == "berlin"  # perceptually uniform diverging (Crameri)
     assert "±4" in shared[("a", "l1")].legend() and "shared" in shared[("a", "l1")].legend()
     with pytest.raises(ValueError, match="unknown colour mode 'local'"):
         color_limits(panels, mode="local")
@@ -125,3 +125,16 @@ def test_gradcam_at_a_swapped_site_matches_captum(tiny_backbone, variant):
         oracle = captum_attr.LayerGradCam(entry.model, entry.model.get_submodule(layer)).attribute(x, target=target)
         ref = oracle[:, 0].detach()
         torch.testing.assert_close(res.cams[layer].raw, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+
+
+def test_colormaps_exist_and_diverging_is_perceptually_uniform():
+    from matplotlib import colormaps
+
+    from viz.gradcam import DIVERGING_CMAP, SEQUENTIAL_CMAP
+
+    assert DIVERGING_CMAP in {"berlin", "vanimo", "managua"} and SEQUENTIAL_CMAP == "viridis"
+    cmap = colormaps[DIVERGING_CMAP]
+    # diverging: the two ends differ in hue, and lightness is symmetric about the centre
+    lo, mid, hi = (np.asarray(cmap(v)[:3]) for v in (0.0, 0.5, 1.0))
+    lum = lambda c: float(c @ np.array([0.2126, 0.7152, 0.0722]))  # noqa: E731
+    assert np.abs(lo - hi).max() > 0.3 and abs(lum(lo) - lum(hi)) < 0.15 and lum(mid) < min(lum(lo), lum(hi))

@@ -148,3 +148,22 @@ def test_timm_efficientnet_lite0_traces():
     assert rs == sorted(rs) and res["stages"][0]["name"] == "conv_stem" and res["stages"][0]["r"] == 3
     assert [s["name"] for s in res["stages"] if s["name"].startswith("blocks.")] == [f"blocks.{i}" for i in range(7)]
     assert res["j"] == 32 and res["global"]  # logits: global average pool
+
+
+@pytest.mark.parametrize("pooling_r,dilation,k_local", [(2, 1, 8), (2, 2, 14), (4, 1, 14)])
+def test_selfcal_pooling_r_local_contribution(pooling_r, dilation, k_local):
+    """k_local = r(1+2d) + 2d follows ``pooling_r``; the gradient support of a centre output unit
+    is at least that and at most r pixels more (the grid-aligned pooled path, analysis.md §2.5)."""
+    mod = plugconv.create_conv("selfcal", 16, 16, 3, padding=dilation, dilation=dilation, pooling_r=pooling_r).eval()
+    info = variant_rf(mod)
+    assert info["k_local"] == k_local
+    assert f"r(1+2d) = {pooling_r * (1 + 2 * dilation)}" in info["note"]
+    assert not info["global_via"]
+    x = torch.randn(1, 16, 64, 64, requires_grad=True)
+    y = mod(x)
+    c = y.shape[-1] // 2
+    y[0, :, c, c].sum().backward()
+    g = x.grad.abs().sum((0, 1)) > 0
+    rows, cols = g.any(1).nonzero(), g.any(0).nonzero()
+    side = max(int(rows.max() - rows.min() + 1), int(cols.max() - cols.min() + 1))
+    assert k_local <= side <= k_local + pooling_r

@@ -24,7 +24,9 @@ import torch.nn.functional as F
 
 COLOR_MODES = ("per-panel", "shared", "global")
 EPS = 1e-12
-DIVERGING_CMAP = "RdBu_r"
+#: signed maps: Crameri's ``berlin`` (matplotlib >= 3.10), a perceptually uniform diverging map
+#: (blue < 0, dark at 0, red > 0); ``RdBu_r`` is not perceptually uniform
+DIVERGING_CMAP = "berlin"
 SEQUENTIAL_CMAP = "viridis"
 
 
