@@ -50,6 +50,14 @@ CAPACITY = {
 }
 
 
+#: appended to ``why_not`` when the teacher has random weights
+RANDOM_TEACHER = (
+    "; and the teacher has seeded random weights: its 3x3 kernels are unstructured and full-rank, with no "
+    "low-rank or channel-redundant structure for a reduced or block-structured module to exploit, unlike "
+    "trained kernels (see docs/calibration.md)"
+)
+
+
 def _loadavg() -> float | None:
     try:
         return os.getloadavg()[0]
@@ -139,7 +147,10 @@ def run_calibration_benchmark(
         "site_params": n_params,
         "target_error": 0.1,
         "target_met": max_err <= 0.1,
-        "why_not": None if max_err <= 0.1 else CAPACITY.get(variant, "see the variant's docstring"),
+        "why_not": None if max_err <= 0.1 else (
+            CAPACITY.get(variant, "see the variant's docstring")
+            + (RANDOM_TEACHER if weights is None else "")
+        ),
         "agreement": {"before": rep.agreement_before, "after": rep.agreement_after},
         "kl": {"before": rep.kl_before, "after": rep.kl_after},
         "machine": {
