@@ -120,9 +120,11 @@ def run(args: argparse.Namespace) -> int:
                           "report": report.to_dict()}, indent=2))
     else:
         print(f"wrote {out}")
-        print(f"{'site':<24}{'error before':>14}{'error after':>14}")
+        prov = report.swap.provenance if report.swap is not None else {}
+        print("relative error ||s - t|| / ||t|| per site on held-out crops")
+        print(f"{'site':<24}{'error before':>14}{'error after':>14}  status")
         for s in report.sites:
-            print(f"{s.site:<24}{s.error_before:>14.4f}{s.error_after:>14.4f}")
+            print(f"{s.site:<24}{s.error_before:>14.4f}{s.error_after:>14.4f}  {prov.get(s.site, '?')}")
         print(f"top-1 agreement with the teacher: {report.agreement_before:.3f} -> {report.agreement_after:.3f}")
         print(f"KL(teacher || student): {report.kl_before:.4f} -> {report.kl_after:.4f} nats")
         print(f"wall time {report.wall_time_s:.1f} s on {report.device}")
