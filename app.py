@@ -53,6 +53,7 @@ from pathlib import Path
 from typing import Any
 
 import gradio as gr
+import numpy as np
 import pandas as pd
 import torch
 
@@ -1000,18 +1001,8 @@ def gradcam_legend(analysis, mode: str) -> str:
     )
 
 
-def write_outputs(analysis, mode: str, out_dir: Path) -> dict[str, Any]:
-    """Draw the composite figures the page shows (each once) and write report.json into ``out_dir``.
-
-    Only what the page shows is rendered: the Grad-CAM grid, the module maps and the ERF figure
-    (``figures/<name>.png``), and report.json (numbers, no per-panel PNGs). The rest of the
-    downloadable report (per-panel PNGs, report.html, a zip) is written by :func:`prepare_downloads`
-    when the user asks for it, reusing these figures.
-
-    Returns:
-        ``{"gradcam", "taps", "erf"}``: composite figure PNG paths (None when absent),
-        ``"gradcam_legend"``: markdown, ``"downloads"``: ``[report.json]``, ``"report"``: its content.
-    """
+def _figure_builders(analysis, mode: str) -> dict[str, Callable[[], Any]]:
+    """name -> builder of the composite figures an analysis has data for (gradcam, taps, erf)."""
     from viz import figures as vf
 
     figs: dict[str, Callable[[], Any]] = {}
@@ -1025,14 +1016,44 @@ def write_outputs(analysis, mode: str, out_dir: Path) -> dict[str, Any]:
 
         figs["erf"] = lambda: vf.erf_figure(erfs, theoretical={m.label: m.theoretical_rf for m in analysis.models},
                                             provenance={m.label: _prov_text(m.swap) for m in analysis.models})
-    out: dict[str, Any] = {"gradcam": None, "taps": None, "erf": None}
-    for name, build in figs.items():
+    return figs
+
+
+def draw_figures(analysis, mode: str, out_dir: Path, names: Sequence[str]) -> dict[str, str | None]:
+    """Draw the composite figures ``names`` (each once: one already in ``analysis.files`` and on disk
+    is reused) as ``out_dir/figures/<name>.png``; returns name -> path (None when there is no data)."""
+    from viz import figures as vf
+
+    builders = _figure_builders(analysis, mode)
+    out: dict[str, str | None] = {}
+    for name in names:
         rel = f"figures/{name}.png"
         path = out_dir / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(vf.figure_png(build()))
-        analysis.files[f"figure/{name}"] = rel
+        if name not in builders:
+            out[name] = None
+            continue
+        if analysis.files.get(f"figure/{name}") != rel or not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(vf.figure_png(builders[name]()))
+            analysis.files[f"figure/{name}"] = rel
         out[name] = str(path)
+    return out
+
+
+def write_outputs(analysis, mode: str, out_dir: Path, figures: Sequence[str] = ("gradcam",)) -> dict[str, Any]:
+    """Draw the figures the first view shows and write report.json into ``out_dir``.
+
+    Only the Grad-CAM grid is drawn by default (``figures/gradcam.png``): the module maps and the
+    ERF figure belong to tabs that :func:`maps_panels` draws when they are opened, and the rest of
+    the downloadable report (per-panel PNGs, report.html, a zip) is written by
+    :func:`prepare_downloads` when asked for, reusing every figure already drawn.
+
+    Returns:
+        ``{"gradcam", "taps", "erf"}``: composite figure PNG paths (None when not drawn or absent),
+        ``"gradcam_legend"``: markdown, ``"downloads"``: ``[report.json]``, ``"report"``: its content.
+    """
+    out: dict[str, Any] = {"gradcam": None, "taps": None, "erf": None}
+    out.update(draw_figures(analysis, mode, out_dir, figures))
     report_json = out_dir / "report.json"
     out["report"] = analysis.to_dict()
     report_json.write_text(json.dumps(out["report"], indent=1, allow_nan=False, default=str), encoding="utf-8")
@@ -1049,20 +1070,35 @@ class _NotesOnly:
         self.notes = list(notes)
 
 
-def _light_copy(analysis):
-    """A copy of ``analysis`` for "Prepare downloads": no activations, no similarity matrices."""
+def similarity_layer(analysis, layer: str | None) -> str | None:
+    """The layer whose channel-similarity matrices the Redundancy tab shows (the chosen one, else the last)."""
+    return layer if layer in analysis.layers else (analysis.layers[-1] if analysis.layers else None)
+
+
+def _light_copy(analysis, layer: str | None = None):
+    """A copy of ``analysis`` kept for the lazily drawn tabs and "Prepare downloads": no activations,
+    and only the similarity matrix of the displayed layer (float32, ≤ 256² per model)."""
+    at = similarity_layer(analysis, layer)
     models = []
     for m in analysis.models:
-        red = {k: ({kk: vv for kk, vv in v.items() if kk != "similarity"} if isinstance(v, dict) else v)
-               for k, v in m.redundancy.items()}
+        red = {}
+        for k, v in m.redundancy.items():
+            if not isinstance(v, dict):
+                red[k] = v
+                continue
+            red[k] = {kk: vv for kk, vv in v.items() if kk != "similarity"}
+            sim = v.get("similarity")
+            if k == at and isinstance(sim, dict) and sim.get("matrix") is not None:
+                red[k]["similarity"] = {**sim, "matrix": np.asarray(sim["matrix"], dtype=np.float32)}
         models.append(dataclasses.replace(m, record=_NotesOnly(getattr(m.record, "notes", ())), redundancy=red))
     return dataclasses.replace(analysis, models=models, files=dict(analysis.files))
 
 
-def keep_for_downloads(analysis, mode: str, out_dir: Path) -> str:
-    """Keep a light copy of ``analysis`` under a new report id (what "Prepare downloads" takes)."""
+def keep_for_downloads(analysis, mode: str, out_dir: Path, layer: str | None = None) -> str:
+    """Keep a light copy of ``analysis`` under a new report id (what :func:`maps_panels` and
+    :func:`prepare_downloads` take)."""
     rid = out_dir.name
-    REPORTS.put(rid, (_light_copy(analysis), mode, out_dir))
+    REPORTS.put(rid, (_light_copy(analysis, layer), mode, out_dir, layer))
     return rid
 
 
@@ -1087,7 +1123,7 @@ def prepare_downloads(report_id: str | None) -> list[str]:
     if kept is None or not kept[2].is_dir():
         raise gr.Error("That analysis is no longer kept on the server: run Analyze again, then prepare the downloads.",
                        title="Analysis expired")
-    analysis, mode, out_dir = kept
+    analysis, mode, out_dir = kept[:3]
     from viz.report import write_report
 
     report_json = write_report(analysis, out_dir, mode=mode, reuse_figures=True)
@@ -1106,15 +1142,29 @@ def prepare_downloads(report_id: str | None) -> list[str]:
     return files
 
 
+#: the panels of the tabs that are drawn when opened (:func:`maps_panels`), per tab id
+MAP_TABS: dict[str, tuple[str, ...]] = {"redundancy": ("taps", "redundancy", "similarity", "cka"), "rf": ("erf",)}
+MAP_OUTPUTS = ("taps", "redundancy", "similarity", "cka", "erf")
+TAB_IDS = ("overview", "gradcam", "redundancy", "rf", "profile", "calibration", "downloads")
+_MAPS: LRUCache = LRUCache(16)  # (report id, tab) -> {output: value}: each tab of an analysis is drawn once
+_MAP_LOCKS: weakref.WeakValueDictionary[tuple, threading.Lock] = weakref.WeakValueDictionary()
+_MAP_LOCKS_GUARD = threading.Lock()
+
+
 def render_panels(analysis, profiles: dict[str, dict[str, Any]], mode: str, out_dir: Path,
                   layer: str | None = None) -> dict[str, Any]:
-    """Every panel of the page from one analysis (keys: ``ANALYZE_OUTPUTS`` without ``status``,
-    plus ``report``, the ``Analysis.to_dict()``); each figure is drawn once."""
+    """The panels of one analysis that the first view needs (keys: ``ANALYZE_OUTPUTS`` without
+    ``status``, plus ``report``, the ``Analysis.to_dict()``).
+
+    Drawn now: the Overview, the Grad-CAM grid, the tables and the cost charts. The module maps,
+    redundancy charts and ERF figure (``MAP_OUTPUTS``) are None here: the Redundancy and Receptive
+    field tabs draw them when opened (:func:`maps_panels`, once per analysis), so a click on
+    Analyze does not wait for pictures nobody looks at.
+    """
     from viz import ui
 
     images = write_outputs(analysis, mode, out_dir)
     report = images["report"]
-    red, sim, cka = redundancy_charts(analysis, layer)
     summary, latency, params, flops = profile_charts(profiles)
     return {
         "report": report,
@@ -1123,12 +1173,12 @@ def render_panels(analysis, profiles: dict[str, dict[str, Any]], mode: str, out_
         "summary": ui.summary_frame(report),
         "gradcam": images["gradcam"],
         "gradcam_legend": images["gradcam_legend"],
-        "taps": images["taps"],
+        "taps": None,
         "taps_table": taps_frame(report),
-        "redundancy": red,
-        "similarity": sim,
-        "cka": cka,
-        "erf": images["erf"],
+        "redundancy": None,
+        "similarity": None,
+        "cka": None,
+        "erf": None,
         "erf_table": erf_frame(report),
         "profile_summary": summary,
         "profile_latency": latency,
@@ -1136,8 +1186,53 @@ def render_panels(analysis, profiles: dict[str, dict[str, Any]], mode: str, out_
         "profile_flops": flops,
         "profile_table": profile_frame(profiles),
         "downloads": images["downloads"],
-        "report_id": keep_for_downloads(analysis, mode, out_dir),
+        "report_id": keep_for_downloads(analysis, mode, out_dir, layer),
     }
+
+
+def maps_panels(report_id: str | None, tab: str = "all") -> dict[str, Any]:
+    """The ``/maps`` endpoint: the figures of the Redundancy and Receptive field tabs of an analysis.
+
+    Args:
+        report_id: the id ``/analyze`` returned (its last output).
+        tab: ``"redundancy"`` (module maps, redundancy by depth, similarity matrices, CKA), ``"rf"``
+            (ERF figure) or ``"all"``.
+
+    Returns:
+        ``{output name: value}`` for the tab's ``MAP_OUTPUTS`` (figure paths, plotly figures; None
+        where the analysis has no data). Each tab is drawn once per analysis and then served from
+        a cache; the PNGs land in the analysis' folder, so "Prepare downloads" reuses them.
+
+    Raises:
+        gr.Error: no analysis yet, an analysis no longer kept, or an unknown tab.
+    """
+    if tab not in (*MAP_TABS, "all"):
+        raise gr.Error(f"unknown tab {tab!r}; choose one of {[*MAP_TABS, 'all']}", title="Unknown tab")
+    if not report_id:
+        raise gr.Error("Run Analyze first: this tab is drawn from the last analysis.", title="Nothing to show")
+    kept = REPORTS.peek(report_id)
+    if kept is None or not kept[2].is_dir():
+        raise gr.Error("That analysis is no longer kept on the server: run Analyze again.", title="Analysis expired")
+    analysis, mode, out_dir = kept[:3]
+    layer = kept[3] if len(kept) > 3 else None
+    out: dict[str, Any] = {}
+    for t in (MAP_TABS if tab == "all" else (tab,)):
+        key = (report_id, t)
+        with _MAP_LOCKS_GUARD:
+            lock = _MAP_LOCKS.setdefault(key, threading.Lock())
+        with lock:  # a double click draws once
+            hit = _MAPS.peek(key)
+            if hit is None:
+                with _UserErrors():
+                    if t == "redundancy":
+                        red, sim, cka = redundancy_charts(analysis, similarity_layer(analysis, layer))
+                        hit = {"taps": draw_figures(analysis, mode, out_dir, ["taps"])["taps"], "redundancy": red,
+                               "similarity": sim, "cka": cka}
+                    else:
+                        hit = {"erf": draw_figures(analysis, mode, out_dir, ["erf"])["erf"]}
+                _MAPS.put(key, hit)
+        out.update(hit)
+    return out
 
 
 def status_line(report: dict[str, Any], seconds: float) -> str:
@@ -1158,10 +1253,13 @@ def status_line(report: dict[str, Any], seconds: float) -> str:
 def analyze_panels(cfg: AppConfig, image_src: Any, backbone: str, weights: str, variants: Sequence[str] | str,
                    preset: str, layer: str, scale: str, device: str, use_calibrated: bool = True,
                    progress: Any = None) -> tuple:
-    """The ``/analyze`` endpoint: one analysis, every panel (in ``ANALYZE_OUTPUTS`` order).
+    """The ``/analyze`` endpoint: one analysis, the panels of the first view (``ANALYZE_OUTPUTS`` order).
 
-    Renders only what the page shows (each figure once) plus report.json; latency is left to the
-    Profile tab unless ``cfg.latency_on_analyze``; the last output, ``report_id``, is what
+    Every number is computed (predictions, Grad-CAM, taps, ERF, redundancy, CKA, params, FLOPs)
+    and written to report.json, but only the first view's figures are drawn (the Grad-CAM grid,
+    the tables, the cost charts): ``MAP_OUTPUTS`` come back None and the Redundancy and Receptive
+    field tabs draw them when opened (``/maps`` with the returned ``report_id``). Latency is left to
+    the Profile tab unless ``cfg.latency_on_analyze``; ``report_id`` is also what
     :func:`prepare_downloads` takes to write the full downloadable report.
 
     Raises:
@@ -1301,6 +1399,7 @@ def build_demo(config: AppConfig | None = None) -> gr.Blocks:
         MODELS.maxsize = max(1, int(cfg.max_models))
     if REPORTS.maxsize != cfg.max_reports:
         REPORTS.maxsize = max(1, int(cfg.max_reports))
+    _MAPS.maxsize = 2 * REPORTS.maxsize
     backbones = backbone_choices(cfg)
     start_backbone, offline_note = initial_backbone(cfg)
     variants = variant_choices()
@@ -1341,16 +1440,18 @@ def build_demo(config: AppConfig | None = None) -> gr.Blocks:
                     stop_btn = gr.Button("Stop", variant="stop", elem_id="stop-btn")
         status = gr.Markdown("Pick an image and press **Analyze**.", elem_id="status")
         banners = gr.HTML("", elem_id="banners")
+        # the open tab (hidden): the Redundancy and Receptive field tabs are drawn when opened
+        tab_box = gr.Textbox("overview", visible=False, elem_id="open-tab")
         with gr.Tabs(elem_id="tabs"):
-            with gr.Tab("Overview", id="overview"):
+            with gr.Tab("Overview", id="overview") as overview_tab:
                 overview = gr.HTML("", elem_id="overview")
                 summary = gr.Dataframe(label="Summary", interactive=False, max_height=320, elem_id="summary")
-            with gr.Tab("Grad-CAM", id="gradcam"):
+            with gr.Tab("Grad-CAM", id="gradcam") as gradcam_tab:
                 gr.Markdown("**Grad-CAM per layer** — columns: models, rows: stages")
                 gradcam = gr.Image(label="Grad-CAM per layer", show_label=False, format="png",
                                    interactive=False, buttons=["download", "fullscreen"], elem_id="gradcam")
                 gradcam_legend = gr.Markdown("", elem_id="gradcam-legend")
-            with gr.Tab("Redundancy", id="redundancy"):
+            with gr.Tab("Redundancy", id="redundancy") as redundancy_tab:
                 gr.Markdown("**Module maps** — SCConv SRU gates/masks, SAConv switch (true range), self-calibration "
                             "maps, SPConv fusion weights, branch energy shares (ACB, SAConv, SPConv)")
                 taps = gr.Image(label="Module maps", show_label=False, format="png", interactive=False,
@@ -1361,7 +1462,7 @@ def build_demo(config: AppConfig | None = None) -> gr.Blocks:
                 with gr.Row():
                     similarity = gr.Plot(label="Channel similarity matrices", elem_id="similarity")
                     cka = gr.Plot(label="Similarity to the baseline (linear CKA)", elem_id="cka")
-            with gr.Tab("Receptive field", id="rf"):
+            with gr.Tab("Receptive field", id="rf") as rf_tab:
                 gr.Markdown("**Effective receptive field** per model (log-scaled contribution of each input pixel "
                             "to the centre unit of the stage), with the theoretical RF beside it")
                 erf = gr.Image(label="Effective receptive field", show_label=False, format="png", interactive=False,
@@ -1379,12 +1480,12 @@ def build_demo(config: AppConfig | None = None) -> gr.Blocks:
                 profile_table = gr.Dataframe(label="Per-layer cost (sortable)", interactive=False, max_height=420,
                                              elem_id="profile-table")
                 profile_btn = gr.Button("Measure latency", elem_id="profile-btn")
-            with gr.Tab("Calibration", id="calibration"):
+            with gr.Tab("Calibration", id="calibration") as calibration_tab:
                 cal_out = gr.Markdown("Calibrate distils the non-exact variants (scconv, selfcal, spconv) from the "
                                       "original convs on the example photos, once per configuration (cached on disk).",
                                       elem_id="calibration")
                 cal_json = gr.JSON(label="Calibration report", elem_id="calibration-json")
-            with gr.Tab("Downloads", id="downloads"):
+            with gr.Tab("Downloads", id="downloads") as downloads_tab:
                 gr.Markdown("Every analysis gives report.json at once; **Prepare downloads** writes the rest "
                             "(per-panel PNGs, a self-contained report.html, a zip) from the same analysis.")
                 downloads = gr.File(label="report.json, report.html and figures", file_count="multiple",
@@ -1425,6 +1526,17 @@ def build_demo(config: AppConfig | None = None) -> gr.Blocks:
         def on_downloads(rid):
             return prepare_downloads(rid)
 
+        def on_maps(rid, tab):
+            # the open tab's figures (drawn once per analysis); nothing for the other tabs
+            if tab not in (*MAP_TABS, "all"):
+                if tab in TAB_IDS:
+                    return tuple(gr.skip() for _ in MAP_OUTPUTS)
+                raise gr.Error(f"unknown tab {tab!r}; choose one of {[*MAP_TABS, 'all']}", title="Unknown tab")
+            if not rid:
+                return tuple(gr.skip() for _ in MAP_OUTPUTS)
+            got = maps_panels(rid, tab)
+            return tuple(got.get(k, gr.skip()) for k in MAP_OUTPUTS)
+
         async def on_calibrate(backbone_v, weights_v, variants_v, preset_v, device_v,
                                progress=gr.Progress()):  # noqa: B008 - Gradio injects it
             return await run_cancellable(calibrate_panel, cfg, backbone_v, weights_v, variants_v, preset_v,
@@ -1442,6 +1554,17 @@ def build_demo(config: AppConfig | None = None) -> gr.Blocks:
             on_analyze, [image, *controls], [outputs[k] for k in ANALYZE_OUTPUTS],
             api_name="analyze", concurrency_id="model", concurrency_limit=cfg.concurrency_limit,
         )
+        map_outputs = [outputs[k] for k in MAP_OUTPUTS]
+        map_kw = {"concurrency_id": "files", "concurrency_limit": 2, "show_progress": "minimal"}
+        # after an analysis: draw the open tab's figures if it is the Redundancy or Receptive field tab
+        run_event.success(on_maps, [report_id, tab_box], map_outputs, api_name="maps", **map_kw)
+        for tid, tab in (("overview", overview_tab), ("gradcam", gradcam_tab), ("profile", profile_tab),
+                         ("calibration", calibration_tab), ("downloads", downloads_tab)):
+            tab.select(lambda tid=tid: tid, None, tab_box, queue=False, api_visibility="private", show_progress="hidden")
+        for tid, tab in (("redundancy", redundancy_tab), ("rf", rf_tab)):
+            tab.select(lambda tid=tid: tid, None, tab_box, queue=False, api_visibility="private",
+                       show_progress="hidden").then(on_maps, [report_id, tab_box], map_outputs,
+                                                    api_visibility="private", **map_kw)
         prof_inputs = [backbone, weights, variants_box, preset, device, use_cal]
         prof_outputs = [status, *(outputs[k] for k in PROFILE_OUTPUTS)]
         prof_event = gr.on(
@@ -1493,9 +1616,28 @@ def launch_kwargs(cfg: AppConfig) -> dict[str, Any]:
     }
 
 
+def warm_up() -> float:
+    """Import the heavy libraries a first analysis needs (torchvision pulls in ``torch._dynamo``:
+    ≈ 2.5 s on 2 cores; timm, the Agg canvas, plotly) so the first user does not wait for them.
+    Loads no model (models stay lazy). Returns the seconds spent (0 when already imported)."""
+    t = time.perf_counter()
+    import matplotlib.backends.backend_agg  # noqa: F401
+    import plotly.graph_objects  # noqa: F401
+    import timm  # noqa: F401
+    import torchvision  # noqa: F401
+
+    import viz.analysis  # noqa: F401
+    import viz.figures  # noqa: F401
+    return time.perf_counter() - t
+
+
 def launch(demo: gr.Blocks, **overrides: Any):
-    """``demo.launch`` with the app's safe defaults (``overrides`` win); returns its result."""
+    """``demo.launch`` with the app's safe defaults (``overrides`` win); returns its result.
+
+    The heavy imports (:func:`warm_up`) run in a background thread while the server starts, so
+    the page is served at once and the first Analyze click does not pay for them."""
     cfg = getattr(demo, "plugconv_config", None) or AppConfig()
+    threading.Thread(target=warm_up, name="plugconv-warm-up", daemon=True).start()
     return demo.launch(**{**launch_kwargs(cfg), **overrides})
 
 

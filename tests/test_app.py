@@ -162,7 +162,9 @@ def test_analyze_outputs_are_well_formed(panels):
     assert len(ratios) and ((ratios > 0) & (ratios <= 1)).all()
     # plotly charts serialise to JSON (what gr.Plot sends)
     assert panels["profile_latency"] is None  # nothing timed yet: no empty latency chart
-    for key in ("redundancy", "similarity", "cka", "profile_summary", "profile_params", "profile_flops"):
+    # the Redundancy and Receptive field tabs are drawn when opened (/maps), not on the click
+    assert all(panels[k] is None for k in app.MAP_OUTPUTS)
+    for key in ("profile_summary", "profile_params", "profile_flops"):
         fig = panels[key]
         assert isinstance(fig, go.Figure), key
         assert len(fig.data) >= 1, key
@@ -179,6 +181,36 @@ def test_analyze_outputs_are_well_formed(panels):
     assert [p.name for p in report_files] == ["report.json"]
     assert all(p.is_file() for p in report_files)
     assert not (report_json.parent / "report.html").exists()
+
+
+def test_map_tabs_are_drawn_once_when_opened(panels, monkeypatch):
+    rid = panels["report_id"]
+    red = app.maps_panels(rid, "redundancy")
+    assert set(red) == {"taps", "redundancy", "similarity", "cka"}
+    assert red["taps"] and Path(red["taps"]).is_file()
+    for key in ("redundancy", "similarity", "cka"):
+        fig = red[key]
+        assert isinstance(fig, go.Figure) and len(fig.data) >= 1, key
+        json.loads(fig.to_json())
+    # the similarity matrices are the displayed layer's (the last stage for "all stages")
+    assert "layer4" in red["similarity"].layout.title.text
+    rf = app.maps_panels(rid, "rf")
+    assert set(rf) == {"erf"} and Path(rf["erf"]).is_file()
+    # a second opening is served from the cache: nothing is drawn again
+    from viz import figures as vf
+
+    def no_redraw(*a, **k):
+        raise AssertionError("drawn twice")
+
+    monkeypatch.setattr(vf, "figure_png", no_redraw)
+    monkeypatch.setattr(app, "redundancy_charts", no_redraw)
+    again = app.maps_panels(rid, "all")
+    assert again["taps"] == red["taps"] and again["erf"] == rf["erf"] and again["cka"] is red["cka"]
+    for bad_rid, needle in (("", "Run Analyze first"), ("plugconv-nosuch", "no longer kept")):
+        with pytest.raises(gr.Error, match=needle):
+            app.maps_panels(bad_rid, "rf")
+    with pytest.raises(gr.Error, match="unknown tab"):
+        app.maps_panels(rid, "nosuch")
 
 
 def test_prepare_downloads_writes_the_full_report_reusing_the_figures(panels):
@@ -232,7 +264,8 @@ def test_branch_only_model_gets_a_module_map_panel(fast):
     preset = app.preset_choices("resnet18")[0]
     out = dict(zip(app.ANALYZE_OUTPUTS, app.analyze_panels(fast, str(PHOTO), "resnet18", "random", ["conv", "acb"],
                                                            preset, "layer4", "per panel", "cpu")))
-    assert out["taps"] is not None and Path(out["taps"]).is_file()
+    taps = app.maps_panels(out["report_id"], "redundancy")["taps"]
+    assert taps is not None and Path(taps).is_file()
     analysis = app.REPORTS.peek(out["report_id"])[0]
     acb = analysis.models[1]
     branch = [t for t in acb.taps if t.kind == "branch"]
@@ -258,7 +291,7 @@ def test_branch_only_model_gets_a_module_map_panel(fast):
 
 @pytest.mark.parametrize("key", ["gradcam", "taps", "erf"])
 def test_figure_panels_are_images(panels, key):
-    path = panels[key]
+    path = panels[key] if key == "gradcam" else app.maps_panels(panels["report_id"], "all")[key]
     if path is None:
         pytest.skip("viz.figures not available yet")
     import numpy as np

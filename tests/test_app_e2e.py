@@ -52,7 +52,7 @@ def served(tmp_path_factory):
 def test_named_endpoints(served):
     _, client = served
     names = set(client.view_api(print_info=False, return_format="dict")["named_endpoints"])
-    assert {"/analyze", "/profile", "/calibrate"} <= names
+    assert {"/analyze", "/maps", "/profile", "/calibrate"} <= names
 
 
 def test_analyze_through_the_client(served):
@@ -69,6 +69,11 @@ def test_analyze_through_the_client(served):
     # images come back as downloaded files that really are pictures
     from PIL import Image
 
+    # the Redundancy and Receptive field figures come from /maps (the page calls it when a tab opens)
+    assert all(got[k] is None for k in app.MAP_OUTPUTS)
+    maps = client.predict(got["report_id"], "all", api_name="/maps")
+    assert len(maps) == len(app.MAP_OUTPUTS)
+    got.update(dict(zip(app.MAP_OUTPUTS, maps)))
     for key in ("gradcam", "taps", "erf"):
         path = got[key]
         assert path and Path(path).is_file(), key

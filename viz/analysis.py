@@ -241,7 +241,11 @@ def cached_profile(
     Cost is image-independent, so repeated analyses of the same prepared model never re-profile.
     Hold the model's lock while calling (latency and FLOP counting must not overlap other passes).
     """
-    key = (str(torch.device(device)), int(input_size), bool(latency))
+    from viz.cost import DEFAULT_REPEATS, DEFAULT_WARMUP
+
+    # latency depends on how it was timed: repeats and warm-up are part of the key
+    key = (str(torch.device(device)), int(input_size), bool(latency)) + (
+        (int(kwargs.get("repeats", DEFAULT_REPEATS)), int(kwargs.get("warmup", DEFAULT_WARMUP))) if latency else ())
     if cache:
         hit = _COST_CACHE.get(model, {}).get(key)
         if hit is not None:
@@ -416,6 +420,8 @@ def analyze(
     progress: Progress | None = None,
     erf_layer: str | None = None,
     latency: bool = True,
+    latency_repeats: int | None = None,
+    latency_warmup: int | None = None,
 ) -> Analysis:
     """Analyse ``images`` with every model in ``entries``.
 
@@ -435,6 +441,7 @@ def analyze(
         progress: ``progress(fraction in [0, 1], message)``.
         erf_layer: stage for the ERF.
         latency: include latency in the profile (a separate timed pass).
+        latency_repeats, latency_warmup: timed and warm-up passes (default ``viz.cost``'s 30 / 10).
 
     Returns:
         Analysis: raw data plus ``to_dict()``.
@@ -552,7 +559,8 @@ def analyze(
             t = time.perf_counter()
             try:
                 with entry.lock:
-                    res.cost = cached_profile(entry.model, int(x.shape[-1]), device=x.device, latency=latency)
+                    lat_kw = {k: v for k, v in (("repeats", latency_repeats), ("warmup", latency_warmup)) if v is not None}
+                    res.cost = cached_profile(entry.model, int(x.shape[-1]), device=x.device, latency=latency, **lat_kw)
             except Exception as e:
                 if _is_fatal(e):
                     raise
