@@ -229,10 +229,11 @@ def test_report_html_names_the_mode_deploy_cost_latency_sum_and_image_count(tmp_
     bb = Backbone("resnet18", resnet18(num_classes=10).eval(), 64, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225),
                   tuple(f"c{i}" for i in range(10)), WeightsInfo("random", None, None, "test"), torch.device("cpu"))
     entries = [prepare_model(bb, v) for v in ("conv", "acb")]
-    for e in entries:  # cheap latency settings, read back by analyze() from the cache
-        cached_profile(e.model, 64, device="cpu", latency=True, repeats=2, warmup=0)
     imgs = [Image.new("RGB", (64, 64), c) for c in ((200, 30, 30), (30, 30, 200))]
-    a = analyze(imgs, bb, entries, layers=["layer3", "layer4"], erf=False, redundancy=False, profile=True)
+    a = analyze(imgs, bb, entries, layers=["layer3", "layer4"], erf=False, redundancy=False, profile=True,
+                latency_repeats=2, latency_warmup=0)  # cheap latency settings
+    # the cost cache is keyed by the latency settings: the same profile is read back, not re-timed
+    assert cached_profile(entries[1].model, 64, device="cpu", latency=True, repeats=2, warmup=0) is a.models[1].cost
     write_report(a, tmp_path, mode="global")
     page = (tmp_path / "report.html").read_text()
     d = json.loads((tmp_path / "report.json").read_text())
