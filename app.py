@@ -330,6 +330,34 @@ def _drop_frames(e: BaseException | None) -> None:
         e = e.__cause__ or e.__context__
 
 
+def _load_malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim`` (Linux), or None elsewhere (musl, macOS, Windows)."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):
+        return None
+
+
+_MALLOC_TRIM = _load_malloc_trim()
+
+
+def trim_freed_memory() -> None:
+    """Hand heap pages freed by a finished request back to the OS (glibc ``malloc_trim(0)``, ≈ 20 ms
+    after a ResNet-50 × 4 analysis; a no-op where it does not exist).
+
+    An analysis allocates and frees hundreds of MB of activations from several threads; glibc keeps
+    the freed pages in its arenas, so without this the resident size creeps up by ~10 % over the
+    first tens of requests before it levels off (measured: ResNet-50 × 4, 14 analyses, 2062 → 2198
+    MB; with it 1855 → 1880 MB).
+    """
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
 def release_memory(e: BaseException | None = None) -> None:
     """After an out-of-memory failure: log it, drop the traceback frames that keep the failed pass's
     tensors alive, collect, then return cached CUDA blocks to the driver (when CUDA is present)."""
@@ -339,6 +367,7 @@ def release_memory(e: BaseException | None = None) -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+    trim_freed_memory()
 
 
 def to_gr_error(e: BaseException) -> gr.Error:
@@ -1281,6 +1310,7 @@ def analyze_panels(cfg: AppConfig, image_src: Any, backbone: str, weights: str, 
         panels = render_panels(analysis, profiles, mode, out_dir, layer)
     report = panels["report"]
     prog(1.0, "done")
+    trim_freed_memory()
     status = status_line(report, time.perf_counter() - t0)
     return tuple(panels[k] if k != "status" else status for k in ANALYZE_OUTPUTS)
 
@@ -1296,6 +1326,7 @@ def profile_panels(cfg: AppConfig, backbone: str, weights: str, variants: Sequen
     t0 = time.perf_counter()
     profiles = profile_core(cfg, backbone, weights, variants, preset, device, use_calibrated, progress,
                             latency=measure_latency)
+    trim_freed_memory()
     untimed = [k for k, p in profiles.items() if not p.get("latency")]
     status = f"Profiled {len(profiles)} model(s) in {time.perf_counter() - t0:.1f} s."
     if untimed:
@@ -1349,6 +1380,7 @@ def calibrate_panel(cfg: AppConfig, backbone: str, weights: str, variants: Seque
                     device: str, progress: Any = None) -> tuple[str, list[dict[str, Any]]]:
     """The ``/calibrate`` endpoint: a plain-words summary and the reports."""
     reports = calibrate_core(cfg, backbone, weights, variants, preset, device, progress)
+    trim_freed_memory()
     lines = []
     for r in reports:
         if "skipped" in r:

@@ -243,3 +243,22 @@ def test_report_has_the_per_layer_latency_sum(bb, entries):
     assert m["latency_per_layer_sum_ms"] == lat["per_layer_sum_ms"] and m["latency_per_layer_sum_ms"] > 0
     assert m["latency_hooked_total_ms"] == lat["hooked_total_ms"]
     assert sum(r["latency_ms"] for r in m["layers"]) <= m["latency_per_layer_sum_ms"] + 1e-9
+
+
+def test_layer_redundancy_equals_the_sequential_loop():
+    """Two layers at a time in worker threads: the same numbers as one after the other."""
+    import numpy as np
+
+    from viz.analysis import layer_redundancy
+    from viz.redundancy import redundancy_metrics
+
+    g = torch.Generator().manual_seed(2)
+    acts = {f"l{i}": torch.relu(torch.randn(1, c, s, s, generator=g)) for i, (c, s) in
+            enumerate(((16, 12), (32, 6), (96, 3), (8, 2)))}
+    par = layer_redundancy(acts)
+    assert list(par) == list(acts)
+    for k, a in acts.items():
+        seq = redundancy_metrics(a, pair_dtype=torch.float32)
+        for key in ("mean_abs_cos", "erank", "dead_fraction", "near_duplicate_fraction"):
+            assert par[k][key] == seq[key], (k, key)
+        np.testing.assert_array_equal(par[k]["similarity"]["matrix"], seq["similarity"]["matrix"])

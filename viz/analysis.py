@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import threading
 import time
 import weakref
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -224,6 +226,34 @@ def _is_fatal(exc: BaseException) -> bool:
         return True
     msg = str(exc)
     return isinstance(exc, RuntimeError) and ("can't allocate memory" in msg or "out of memory" in msg.lower())
+
+
+_RED_POOL: ThreadPoolExecutor | None = None
+_RED_POOL_GUARD = threading.Lock()
+
+
+def layer_redundancy(acts: dict[str, torch.Tensor]) -> dict[str, dict[str, Any]]:
+    """``viz.redundancy.redundancy_metrics`` of each layer's activations, two layers at a time.
+
+    The metrics run in NumPy with one BLAS thread (torch's OpenMP workers make a threaded BLAS
+    stall), so one layer keeps one core busy; two worker threads use both cores of a small machine.
+    The largest layers start first. Results are identical to a sequential loop (each layer's
+    computation is independent and deterministic). The first failure is raised.
+    """
+    from viz.redundancy import redundancy_metrics, threadpool_limits
+
+    global _RED_POOL
+    if len(acts) < 2:
+        return {k: redundancy_metrics(v, pair_dtype=torch.float32) for k, v in acts.items()}
+    with _RED_POOL_GUARD:
+        if _RED_POOL is None:
+            _RED_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="plugconv-redundancy")
+    order = sorted(acts, key=lambda k: -acts[k].numel() * acts[k].shape[1] if acts[k].dim() > 1 else 0)
+    # one BLAS limit held around the whole block: the workers' own (nested) limits then restore 1,
+    # never a value another worker set
+    with threadpool_limits(1, user_api="blas"):
+        futures = {k: _RED_POOL.submit(redundancy_metrics, acts[k], pair_dtype=torch.float32) for k in order}
+        return {k: futures[k].result() for k in acts}
 
 
 def cached_profile(
@@ -514,10 +544,7 @@ def analyze(
         if redundancy:
             t = time.perf_counter()
             try:
-                from viz.redundancy import redundancy_metrics
-
-                for layer in chosen:
-                    red[layer] = redundancy_metrics(record.activation(layer), pair_dtype=torch.float32)
+                red = layer_redundancy({layer: record.activation(layer) for layer in chosen})
             except Exception as e:  # optional phase: report, never crash
                 if _is_fatal(e):
                     raise
