@@ -777,7 +777,7 @@ def model_profile(entry, backbone, *, repeats: int = 10, warmup: int = 3, latenc
         backbone: its backbone (device, input size).
         repeats, warmup: timed and warm-up passes when latency is measured.
         latency: measure latency (whole model and per layer) when not cached yet. With False the
-            result has params and FLOPs only (one counted pass, ``"latency": None``) — unless a
+            result has params and FLOPs only (one counted pass, ``"latency": None``, no ACB deploy form) — unless a
             latency was measured before, which is then returned (it is cached and still valid).
     """
     from viz.analysis import cached_profile
@@ -788,7 +788,9 @@ def model_profile(entry, backbone, *, repeats: int = 10, warmup: int = 3, latenc
             out = cached_profile(entry.model, key[1], device=backbone.device, repeats=repeats, warmup=warmup)
             _TIMED.setdefault(entry.model, set()).add(key)
             return out
-        return cached_profile(entry.model, key[1], device=backbone.device, latency=False)
+        # params and FLOPs for the Overview: the deploy form of ACB (fused copy + its own FLOP count,
+        # ≈ 0.7 s for ResNet-50) comes with the latency profile, which the Profile tab shows
+        return cached_profile(entry.model, key[1], device=backbone.device, latency=False, deploy=False)
 
 
 def profile_core(cfg: AppConfig, backbone: str, weights: str, variants: Sequence[str] | str, preset: str,

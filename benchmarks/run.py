@@ -99,6 +99,8 @@ class Config:
         only: run only these benchmark names (None = all).
         app_overrides: ``app.AppConfig`` fields to override (default none: the app as shipped; the
             smoke test uses fewer latency repeats).
+        app_weights: the weights choice of the app benchmarks ("random"; "default" for the bundled
+            model's real weights).
     """
 
     device: str = "cpu"
@@ -121,6 +123,7 @@ class Config:
     quick: bool = False
     only: tuple[str, ...] | None = None
     app_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
+    app_weights: str = "random"
 
     @classmethod
     def quick_config(cls, **kw: Any) -> Config:
@@ -446,8 +449,9 @@ def app_child(params: dict[str, Any]) -> dict[str, Any]:
     out["import_s"] = time.perf_counter() - t0
     out["warm_up_s"] = app.warm_up()  # what launch() does in the background while the server starts
     out["rss_after_import"] = _util.rss_bytes()
+    weights = params.get("weights") or "random"
     kw: dict[str, Any] = {"backbones": (params["backbone"],), "default_backbone": params["backbone"],
-                          "default_weights": "random", "default_variants": tuple(params["variants"])}
+                          "default_weights": weights, "default_variants": tuple(params["variants"])}
     if params.get("size"):
         kw["input_size"] = params["size"]
     kw.update(params.get("overrides") or {})
@@ -455,7 +459,7 @@ def app_child(params: dict[str, Any]) -> dict[str, Any]:
     out["app_config"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(cfg).items()}
     preset = app.preset_choices(params["backbone"])[0]
     scale = next(iter(app.SCALE_MODES))
-    args = (cfg, params["image"], params["backbone"], "random", list(params["variants"]), preset, app.ALL_STAGES,
+    args = (cfg, params["image"], params["backbone"], weights, list(params["variants"]), preset, app.ALL_STAGES,
             scale, params["device"])
 
     rid = app.ANALYZE_OUTPUTS.index("report_id")
@@ -506,7 +510,7 @@ def bench_app(cfg: Config) -> list[dict[str, Any]]:
     """``app_cold``, ``app_warm``, ``memory``, ``memory_growth`` from one fresh subprocess."""
     params = {"backbone": cfg.backbone, "size": cfg.size, "variants": list(cfg.variants), "device": cfg.device,
               "image": str(image_path(cfg)), "warm_calls": cfg.app_warm_calls,
-              "memory_iterations": cfg.memory_iterations, "overrides": cfg.app_overrides}
+              "memory_iterations": cfg.memory_iterations, "overrides": cfg.app_overrides, "weights": cfg.app_weights}
     with tempfile.TemporaryDirectory(prefix="plugconv-bench-") as tmp:
         result = Path(tmp) / "app.json"
         env = dict(os.environ, GRADIO_TEMP_DIR=str(Path(tmp) / "gradio"), GRADIO_ANALYTICS_ENABLED="False")
@@ -574,7 +578,8 @@ def bench_app(cfg: Config) -> list[dict[str, Any]]:
 
 
 def _settings_plain(cfg: Config) -> dict[str, Any]:
-    return {"backbone": cfg.backbone, "weights": "seeded random (offline: no download)", "size": cfg.size,
+    w = "seeded random (offline: no download)" if cfg.app_weights == "random" else cfg.app_weights
+    return {"backbone": cfg.backbone, "weights": w, "size": cfg.size,
             "variants": list(cfg.variants), "image": str(cfg.image), "device": cfg.device, "quick": cfg.quick}
 
 
@@ -721,6 +726,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--variants", nargs="*", default=None, help="models, baseline first (default conv saconv acb scconv)")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats")
     p.add_argument("--memory-iterations", type=int, default=None, help="analyses for the memory growth")
+    p.add_argument("--app-weights", default=None,
+                   help="weights of the app benchmarks (random; 'default' = the bundled model's real weights)")
     p.add_argument("--markdown", metavar="MD", default=None, help="also write a Markdown table to MD")
     p.add_argument("--_app-child", dest="app_child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--_out", dest="child_out", default=None, help=argparse.SUPPRESS)
@@ -732,7 +739,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: CUDA is not available")
     kw: dict[str, Any] = {"device": args.device}
-    for k in ("backbone", "size", "repeats", "memory_iterations"):
+    for k in ("backbone", "size", "repeats", "memory_iterations", "app_weights"):
         if getattr(args, k) is not None:
             kw[k] = getattr(args, k)
     if args.variants:

@@ -273,8 +273,9 @@ def cached_profile(
     """
     from viz.cost import DEFAULT_REPEATS, DEFAULT_WARMUP
 
-    # latency depends on how it was timed: repeats and warm-up are part of the key
-    key = (str(torch.device(device)), int(input_size), bool(latency)) + (
+    # latency depends on how it was timed: repeats and warm-up are part of the key (and whether
+    # the deploy form of re-parameterisable variants was profiled too)
+    key = (str(torch.device(device)), int(input_size), bool(latency), bool(kwargs.get("deploy", True))) + (
         (int(kwargs.get("repeats", DEFAULT_REPEATS)), int(kwargs.get("warmup", DEFAULT_WARMUP))) if latency else ())
     if cache:
         hit = _COST_CACHE.get(model, {}).get(key)
