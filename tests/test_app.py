@@ -435,3 +435,26 @@ def test_trim_freed_memory_is_safe_to_call():
     assert float(keep.sum()) == 1000.0
     if _sys.platform.startswith("linux"):
         assert app._MALLOC_TRIM is not None
+
+
+def test_gradcam_grid_is_drawn_once_with_fixed_margins(panels):
+    """The Grad-CAM grid lays itself out (no tight-bbox measuring pass): every axes and the title
+    lie inside the figure, and the PNG has the figure's own size."""
+    from PIL import Image
+
+    from viz import figures as vf
+
+    analysis = app.REPORTS.peek(panels["report_id"])[0]
+    fig = vf.gradcam_grid(analysis, 0)
+    assert fig in vf._FIXED_LAYOUT
+    png = vf.figure_png(fig)
+    import io
+
+    w, h = (fig.get_size_inches() * 100).round().astype(int)
+    assert Image.open(io.BytesIO(png)).size == (w, h)
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    for artist in [*fig.axes, fig._suptitle]:  # axes with their titles, labels and tick labels
+        bb = artist.get_tightbbox(renderer)
+        assert bb.x0 >= -1 and bb.y0 >= -1 and bb.x1 <= w + 1 and bb.y1 <= h + 1, artist
