@@ -86,12 +86,14 @@ def _none_if_nan(v: float) -> float | None:
 def _components(adj: np.ndarray) -> int:
     """Number of connected components of an undirected boolean adjacency matrix (n×n).
 
-    Breadth-first search over rows: every row is read once, O(n²) in total.
+    Channels without a neighbour are components of their own and are counted at once (usually
+    most of them: a Python loop over 2048 isolated channels cost ~14 ms); breadth-first search over
+    rows for the rest: every row is read once, O(n²) in total.
     """
-    n = adj.shape[0]
-    visited = np.zeros(n, dtype=bool)
-    comps = 0
-    for i in range(n):
+    linked = adj.any(axis=1)
+    visited = ~linked
+    comps = int(visited.sum())
+    for i in np.nonzero(linked)[0]:
         if visited[i]:
             continue
         comps += 1
