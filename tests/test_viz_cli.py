@@ -31,6 +31,8 @@ def _check_report(out: Path, variants: list[str]) -> dict:
         assert m["erf"]["area_ratios"] and m["params"] > 0 and m["flops"] > 0
         assert not m["errors"], m["errors"]
     assert (out / "report.html").is_file() and (out / "figures" / "gradcam.png").is_file()
+    # where the time went, outside the per-model phases: backbone, swaps, CKA, drawing
+    assert {"load_backbone", "prepare_models", "render"} <= set(d["timings"]) and d["timings"]["prepare_models"] > 0
     return d
 
 

@@ -168,8 +168,12 @@ def cmd_analyze(args: argparse.Namespace) -> int:
             # viz.images.load_image's messages already name the file: print them as they are
             msg = str(e)
             raise UsageError(msg if Path(p).name in msg else f"{p}: {msg}") from e
+    t0 = time.perf_counter()
     bb = _backbone(args.backbone, args.weights, args.device)
+    t_backbone = time.perf_counter() - t0
+    t0 = time.perf_counter()
     entries = _entries(bb, _split(args.variants), args.preset)
+    t_prepare = time.perf_counter() - t0
 
     def progress(f: float, msg: str) -> None:
         if not args.quiet:
@@ -187,6 +191,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         for m in a.models:  # the profile measured ahead of analyze() belongs to its timings
             if m.label in pre_profile:
                 m.timings["profile"] = m.timings.get("profile", 0.0) + pre_profile[m.label]
+        # where the rest of the run went: loading the backbone and building the swapped models
+        a.timings.update({"load_backbone": t_backbone, "prepare_models": t_prepare})
     except (KeyError, ValueError) as e:
         raise UsageError(str(e).strip("'\"")) from e
     except RuntimeError as e:
