@@ -458,3 +458,11 @@ def test_gradcam_grid_is_drawn_once_with_fixed_margins(panels):
     for artist in [*fig.axes, fig._suptitle]:  # axes with their titles, labels and tick labels
         bb = artist.get_tightbbox(renderer)
         assert bb.x0 >= -1 and bb.y0 >= -1 and bb.x1 <= w + 1 and bb.y1 <= h + 1, artist
+    # a grid too narrow for its title (one model, a long class name) falls back to the tight box
+    import dataclasses
+
+    one = dataclasses.replace(analysis, models=analysis.models[:1], categories=tuple("x" * 90 for _ in range(1000)))
+    narrow = vf.gradcam_grid(one, 0)
+    assert narrow not in vf._FIXED_LAYOUT
+    title = narrow._suptitle.get_window_extent(FigureCanvasAgg(narrow).get_renderer())
+    assert Image.open(io.BytesIO(vf.figure_png(narrow))).size[0] >= title.width  # the title is not cut

@@ -154,15 +154,20 @@ def gradcam_grid(
     cls = analysis.targets[image_index] if image_index < len(analysis.targets) else None
     what = "ReLU'd Grad-CAM max(M,0)" if relu else "raw signed Grad-CAM M"
     cname = analysis.label_of(cls) if cls is not None else "?"
-    # fixed margins in inches (suptitle + two-line column titles on top, layer labels on the left,
-    # the colour bars' tick labels on the right), so the PNG is drawn once, not measured first
+    # fixed margins in inches (a two-line suptitle and two-line column titles on top, layer labels on
+    # the left, the colour bars' tick labels on the right), so the PNG is drawn once, not measured
+    # first; a title wider than the figure (narrow grid, long class name) falls back to the tight box
     w_in, h_in = fig.get_size_inches()
-    fig.subplots_adjust(left=0.42 / w_in, right=1 - 0.62 / w_in, bottom=0.12 / h_in, top=1 - 0.78 / h_in,
+    fig.subplots_adjust(left=0.42 / w_in, right=1 - 0.62 / w_in, bottom=0.12 / h_in, top=1 - 0.92 / h_in,
                         wspace=0.12, hspace=0.22)
-    fig.suptitle(f"{what} · class {cls} ({cname}) · score: pre-softmax logit · colour: {mode}"
-                 f"{' · clipped at p99' if robust else ''} · units: score × activation", fontsize=9,
-                 y=1 - 0.12 / h_in, va="top")
-    _FIXED_LAYOUT.add(fig)
+    title = fig.suptitle(f"{what} · class {cls} ({cname})" "\n" f"score: pre-softmax logit · colour: {mode}"
+                         f"{' · clipped at p99' if robust else ''} · units: score × activation", fontsize=9,
+                         y=1 - 0.1 / h_in, va="top")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    box = title.get_window_extent(FigureCanvasAgg(fig).get_renderer())
+    if box.x0 >= 0 and box.x1 <= fig.bbox.width:
+        _FIXED_LAYOUT.add(fig)
     return fig
 
 
