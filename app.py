@@ -297,16 +297,11 @@ def _refuse_url(url_or_file_path: Any) -> None:
         raise gr.Error(URL_REFUSED, title="URL not accepted", print_exception=False)
 
 
-_CPU_OOM_MARKERS = ("can't allocate memory", "out of memory", "not enough memory")
-
-
 def _is_oom(e: BaseException) -> bool:
     """CUDA OOM (``torch.OutOfMemoryError``) or a CPU allocator failure (a plain ``RuntimeError``)."""
-    if isinstance(e, torch.OutOfMemoryError):
-        return True
-    if isinstance(e, MemoryError):
-        return True
-    return isinstance(e, RuntimeError) and any(m in str(e).lower() for m in _CPU_OOM_MARKERS)
+    from viz.errors import is_out_of_memory
+
+    return is_out_of_memory(e)
 
 
 def user_errors() -> tuple[type[BaseException], ...]:

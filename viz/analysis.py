@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from viz.errors import is_out_of_memory
 from viz.gradcam import CamMap, cam_from_record, summarize
 from viz.models import ModelEntry, default_layers, stage_names
 from viz.recorder import Record, Recorder
@@ -217,15 +218,6 @@ def _jsonable(x: Any) -> Any:
 
 # --- cost cache -------------------------------------------------------------------------------
 _COST_CACHE: weakref.WeakKeyDictionary[nn.Module, dict[tuple[str, int, bool], dict]] = weakref.WeakKeyDictionary()
-
-
-def _is_fatal(exc: BaseException) -> bool:
-    """Out-of-memory errors (CUDA or the CPU allocator): never swallowed by an optional phase, so
-    the caller frees memory and tells the user, instead of showing a silently empty panel."""
-    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
-        return True
-    msg = str(exc)
-    return isinstance(exc, RuntimeError) and ("can't allocate memory" in msg or "out of memory" in msg.lower())
 
 
 _RED_POOL: ThreadPoolExecutor | None = None
@@ -537,7 +529,7 @@ def analyze(
                 with entry.lock:
                     extra["fuse_max_abs_diff"] = cached_fuse_difference(entry.model, record.logits, x)
             except Exception as e:
-                if _is_fatal(e):
+                if is_out_of_memory(e):
                     raise
                 errors["fuse"] = f"{type(e).__name__}: {e}"
             timings["fuse"] = time.perf_counter() - t  # ACB fused-vs-unfused check (cached per model/input)
@@ -547,7 +539,7 @@ def analyze(
             try:
                 red = layer_redundancy({layer: record.activation(layer) for layer in chosen})
             except Exception as e:  # optional phase: report, never crash
-                if _is_fatal(e):
+                if is_out_of_memory(e):
                     raise
                 errors["redundancy"] = f"{type(e).__name__}: {e}"
             timings["redundancy"] = time.perf_counter() - t
@@ -571,13 +563,13 @@ def analyze(
                 else:
                     errors["erf"] = f"ValueError: {record.erf_error}"
             except Exception as e:
-                if _is_fatal(e):
+                if is_out_of_memory(e):
                     raise
                 errors["erf"] = f"{type(e).__name__}: {e}"
             try:
                 res.theoretical_rf = cached_theoretical_rf(entry.model, erf_at, int(x.shape[-1]))
             except Exception as e:
-                if _is_fatal(e):
+                if is_out_of_memory(e):
                     raise
                 errors["theoretical_rf"] = f"{type(e).__name__}: {e}"
             timings["erf"] = time.perf_counter() - t
@@ -590,7 +582,7 @@ def analyze(
                     lat_kw = {k: v for k, v in (("repeats", latency_repeats), ("warmup", latency_warmup)) if v is not None}
                     res.cost = cached_profile(entry.model, int(x.shape[-1]), device=x.device, latency=latency, **lat_kw)
             except Exception as e:
-                if _is_fatal(e):
+                if is_out_of_memory(e):
                     raise
                 errors["profile"] = f"{type(e).__name__}: {e}"
             timings["profile"] = time.perf_counter() - t
@@ -617,7 +609,7 @@ def analyze(
                 # the reference's features and self-HSIC once per layer; float32 products (display values, ~1e-6)
                 cka[layer] = dict(zip(labels, linear_cka_many(xa, ys, dtype=torch.float32)))
         except Exception as e:
-            if _is_fatal(e):
+            if is_out_of_memory(e):
                 raise
             for r in results:
                 r.errors["cka"] = f"{type(e).__name__}: {e}"
