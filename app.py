@@ -1149,7 +1149,7 @@ def prepare_downloads(report_id: str | None) -> list[str]:
     if kept is None or not kept[2].is_dir():
         raise gr.Error("That analysis is no longer kept on the server: run Analyze again, then prepare the downloads.",
                        title="Analysis expired")
-    analysis, mode, out_dir = kept[:3]
+    analysis, mode, out_dir, _ = kept
     from viz.report import write_report
 
     report_json = write_report(analysis, out_dir, mode=mode, reuse_figures=True)
@@ -1172,9 +1172,9 @@ def prepare_downloads(report_id: str | None) -> list[str]:
 MAP_TABS: dict[str, tuple[str, ...]] = {"redundancy": ("taps", "redundancy", "similarity", "cka"), "rf": ("erf",)}
 MAP_OUTPUTS = ("taps", "redundancy", "similarity", "cka", "erf")
 TAB_IDS = ("overview", "gradcam", "redundancy", "rf", "profile", "calibration", "downloads")
-_MAPS: LRUCache = LRUCache(16)  # (report id, tab) -> {output: value}: each tab of an analysis is drawn once
-_MAP_LOCKS: weakref.WeakValueDictionary[tuple, threading.Lock] = weakref.WeakValueDictionary()
-_MAP_LOCKS_GUARD = threading.Lock()
+#: (report id, tab) -> {output: value}: each tab of an analysis is drawn once (``LRUCache.get``
+#: builds a key once even when two requests ask together, and caches no failed build)
+_MAPS: LRUCache = LRUCache(16)
 
 
 def render_panels(analysis, profiles: dict[str, dict[str, Any]], mode: str, out_dir: Path,
@@ -1239,25 +1239,19 @@ def maps_panels(report_id: str | None, tab: str = "all") -> dict[str, Any]:
     kept = REPORTS.peek(report_id)
     if kept is None or not kept[2].is_dir():
         raise gr.Error("That analysis is no longer kept on the server: run Analyze again.", title="Analysis expired")
-    analysis, mode, out_dir = kept[:3]
-    layer = kept[3] if len(kept) > 3 else None
+    analysis, mode, out_dir, layer = kept
+
+    def draw(t: str) -> dict[str, Any]:
+        with _UserErrors():
+            if t == "rf":
+                return {"erf": draw_figures(analysis, mode, out_dir, ["erf"])["erf"]}
+            red, sim, cka = redundancy_charts(analysis, similarity_layer(analysis, layer))
+            return {"taps": draw_figures(analysis, mode, out_dir, ["taps"])["taps"], "redundancy": red,
+                    "similarity": sim, "cka": cka}
+
     out: dict[str, Any] = {}
     for t in (MAP_TABS if tab == "all" else (tab,)):
-        key = (report_id, t)
-        with _MAP_LOCKS_GUARD:
-            lock = _MAP_LOCKS.setdefault(key, threading.Lock())
-        with lock:  # a double click draws once
-            hit = _MAPS.peek(key)
-            if hit is None:
-                with _UserErrors():
-                    if t == "redundancy":
-                        red, sim, cka = redundancy_charts(analysis, similarity_layer(analysis, layer))
-                        hit = {"taps": draw_figures(analysis, mode, out_dir, ["taps"])["taps"], "redundancy": red,
-                               "similarity": sim, "cka": cka}
-                    else:
-                        hit = {"erf": draw_figures(analysis, mode, out_dir, ["erf"])["erf"]}
-                _MAPS.put(key, hit)
-        out.update(hit)
+        out.update(_MAPS.get((report_id, t), lambda t=t: draw(t)))
     return out
 
 

@@ -466,3 +466,41 @@ def test_gradcam_grid_is_drawn_once_with_fixed_margins(panels):
     assert narrow not in vf._FIXED_LAYOUT
     title = narrow._suptitle.get_window_extent(FigureCanvasAgg(narrow).get_renderer())
     assert Image.open(io.BytesIO(vf.figure_png(narrow))).size[0] >= title.width  # the title is not cut
+
+
+def test_map_tab_asked_twice_at_once_is_drawn_once(fast, monkeypatch):
+    """Two requests for the same tab of a new analysis (a double click): one draws, the other waits
+    for that result; a failed drawing is not cached."""
+    import time as _time
+
+    preset = app.preset_choices("resnet18")[0]
+    out = dict(zip(app.ANALYZE_OUTPUTS, app.analyze_panels(fast, str(PHOTO), "resnet18", "random", ["conv"],
+                                                           preset, "layer4", "per panel", "cpu")))
+    calls = []
+    real = app.redundancy_charts
+
+    def slow(*a, **k):
+        calls.append(1)
+        _time.sleep(0.3)
+        return real(*a, **k)
+
+    monkeypatch.setattr(app, "redundancy_charts", slow)
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(app.maps_panels(out["report_id"], "redundancy")))
+               for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(got) == 2 and got[0] == got[1] and calls == [1]
+
+    def boom(*a, **k):
+        raise ValueError("no data")
+
+    monkeypatch.setattr(app, "redundancy_charts", boom)
+    rid2 = dict(zip(app.ANALYZE_OUTPUTS, app.analyze_panels(fast, str(PHOTO), "resnet18", "random", ["conv"],
+                                                            preset, "layer4", "per panel", "cpu")))["report_id"]
+    with pytest.raises(gr.Error, match="no data"):
+        app.maps_panels(rid2, "redundancy")
+    monkeypatch.setattr(app, "redundancy_charts", real)
+    assert set(app.maps_panels(rid2, "redundancy")) == {"taps", "redundancy", "similarity", "cka"}
