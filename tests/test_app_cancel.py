@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import app  # noqa: E402
+from tests.corpus import small_app_config  # noqa: E402
 
 PHOTO = ROOT / "assets" / "chelsea.jpg"
 VARIANTS = ["conv", "acb", "saconv", "scconv"]
@@ -22,11 +23,7 @@ VARIANTS = ["conv", "acb", "saconv", "scconv"]
 
 @pytest.fixture(scope="module")
 def cfg(tmp_path_factory) -> app.AppConfig:
-    root = tmp_path_factory.mktemp("cancel")
-    (root / "weights").mkdir()
-    return app.AppConfig(backbones=("resnet18",), default_backbone="resnet18", default_weights="random",
-                         default_variants=tuple(VARIANTS), input_size=64, weights_dir=root / "weights",
-                         erf=False, redundancy=False, profile=False, examples=())
+    return small_app_config(tmp_path_factory.mktemp("cancel"), default_variants=tuple(VARIANTS))
 
 
 def test_cancelled_analysis_stops_early(cfg, monkeypatch, tmp_path) -> None:

@@ -13,6 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import app  # noqa: E402
+from tests.corpus import small_app_config  # noqa: E402
 from viz import ui  # noqa: E402
 
 PHOTO = ROOT / "assets" / "chelsea.jpg"
@@ -20,12 +21,7 @@ PHOTO = ROOT / "assets" / "chelsea.jpg"
 
 @pytest.fixture(scope="module")
 def cfg(tmp_path_factory) -> app.AppConfig:
-    root = tmp_path_factory.mktemp("panels")
-    (root / "weights").mkdir()
-    return app.AppConfig(backbones=("resnet18",), default_backbone="resnet18", default_weights="random",
-                         default_variants=("conv",), input_size=64, weights_dir=root / "weights",
-                         erf=False, redundancy=False, profile=False, examples=(),
-                         profile_repeats=2, profile_warmup=1)
+    return small_app_config(tmp_path_factory.mktemp("panels"), profile_repeats=2, profile_warmup=1)
 
 
 def test_banners_and_cards_show_model_errors() -> None:

@@ -13,6 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import app  # noqa: E402
+from tests.corpus import small_app_config  # noqa: E402
 
 PHOTO = ROOT / "assets" / "chelsea.jpg"
 
@@ -20,13 +21,10 @@ PHOTO = ROOT / "assets" / "chelsea.jpg"
 @pytest.fixture(scope="module")
 def cfg(tmp_path_factory) -> app.AppConfig:
     root = tmp_path_factory.mktemp("zerogpu")
-    (root / "weights").mkdir()
-    return app.AppConfig(backbones=("resnet18",), default_backbone="resnet18", default_weights="random",
-                         default_variants=("conv", "scconv"), input_size=64, weights_dir=root / "weights",
-                         erf=False, redundancy=False, profile=True, examples=(PHOTO,),
-                         profile_repeats=1, profile_warmup=0, calibration_dir=root / "cal",
-                         calibration_options=(("steps", 1), ("crop", 64), ("samples", 2), ("eval_samples", 1),
-                                              ("batch_size", 2)))
+    return small_app_config(root, default_variants=("conv", "scconv"), profile=True, examples=(PHOTO,),
+                            profile_repeats=1, profile_warmup=0, calibration_dir=root / "cal",
+                            calibration_options=(("steps", 1), ("crop", 64), ("samples", 2), ("eval_samples", 1),
+                                                 ("batch_size", 2)))
 
 
 def _snapshot() -> tuple:
