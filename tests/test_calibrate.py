@@ -145,19 +145,25 @@ def test_calibration_reduces_site_error(teacher, images, variant: str) -> None:
     assert 0.0 <= rep.agreement_after <= 1.0 and rep.kl_after >= 0.0
 
 
+def _site_io(model: torch.nn.Module, site: str, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``{"x": input, "y": output}`` of ``model``'s module ``site`` in one no-grad forward of ``x``."""
+    captured: dict[str, torch.Tensor] = {}
+    h = model.get_submodule(site).register_forward_hook(lambda m, i, o: captured.update(x=i[0], y=o))
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        h.remove()
+    return captured
+
+
 def test_calibrated_site_matches_teacher_on_fresh_input(teacher, images) -> None:
     """Independent check: run the teacher and student site on a new crop and measure the error directly."""
     swap = _swap(teacher, "scconv")
     rep = calibrate(teacher, swap, images, **FAST)
     site = "layer3.1.conv2"
     x = augmented_crops(images, 2, 64, generator=torch.Generator().manual_seed(99))
-    captured = {}
-    h = teacher.get_submodule(site).register_forward_hook(lambda m, i, o: captured.update(x=i[0], y=o))
-    try:
-        with torch.no_grad():
-            teacher(x)
-    finally:
-        h.remove()
+    captured = _site_io(teacher, site, x)
     with torch.no_grad():
         s = swap.model.get_submodule(site)(captured["x"])
     err = float((s - captured["y"]).norm() / captured["y"].norm())
@@ -179,13 +185,7 @@ def test_reported_site_error_is_norm_ratio_on_held_out_crops(teacher, images) ->
     swap = _swap(teacher, "spconv")
     # the held-out crops of calibrate(seed=0): the stream seeded with seed + 7919
     ev = augmented_crops(images, FAST["eval_samples"], FAST["crop"], generator=torch.Generator().manual_seed(7919))
-    captured = {}
-    h = teacher.get_submodule(site).register_forward_hook(lambda m, i, o: captured.update(x=i[0], y=o))
-    try:
-        with torch.no_grad():
-            teacher(ev)
-    finally:
-        h.remove()
+    captured = _site_io(teacher, site, ev)
 
     def direct() -> float:
         with torch.no_grad():
