@@ -191,12 +191,10 @@ def test_profile_model_json_and_deploy_form():
     assert prof["param_deltas"]["delta"] > 0
     for form in (prof, prof["deploy"]):  # whole-model figure and Σ per-layer side by side
         lat = form["latency"]
-        assert form["latency_ms"] == lat["median_ms"] > 0
-        assert form["per_layer_sum_ms"] == lat["per_layer_sum_ms"] == pytest.approx(sum(p["median_ms"] for p in lat["per_layer"]))
-        assert form["hooked_total_ms"] == lat["hooked_total_ms"] > 0
+        assert lat["median_ms"] > 0 and lat["hooked_total_ms"] > 0
+        assert lat["per_layer_sum_ms"] == pytest.approx(sum(p["median_ms"] for p in lat["per_layer"]))
     plain = profile_model(host, 32, latency=False)
     assert plain["deploy"] is None and plain["latency"] is None and plain["form"] is None
-    assert plain["latency_ms"] is plain["per_layer_sum_ms"] is plain["hooked_total_ms"] is None
 
 
 def test_deform_conv2d_counted_by_custom_formula():

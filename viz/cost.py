@@ -700,10 +700,9 @@ def profile_model(
 
     Returns:
         {"model", "input": {"shape", "dtype", "device"}, "params": ParamReport dict,
-        "flops": FlopReport dict, "latency": LatencyReport dict or None, "latency_ms" (whole
-        model, unhooked median), "per_layer_sum_ms" (Σ of the per-unit medians of the hooked
-        pass), "hooked_total_ms" (median wall time of the hooked pass) — the three are None
-        without latency, the last two also without ``per_layer`` —, "units": per-unit rows
+        "flops": FlopReport dict, "latency": LatencyReport dict or None (its "median_ms" is the
+        whole model, unhooked, beside "per_layer_sum_ms", the Σ of the per-unit medians of the
+        hooked pass, and "hooked_total_ms"; the last two None without ``per_layer``), "units": per-unit rows
         {"name", "type", "params", "flops", "macs", "latency_ms", "uncounted_ops"} on the
         latency partition, "param_deltas" (if reference), "deploy" (same keys, or None),
         "form": "train" | None}.
@@ -764,9 +763,5 @@ def _profile_one(
         "params": params.to_dict(),
         "flops": flops.to_dict(),
         "latency": lat.to_dict() if lat is not None else None,
-        # the whole-model figure and the sum of the per-layer ones side by side (analysis.md §2)
-        "latency_ms": lat.median_ms if lat is not None else None,
-        "per_layer_sum_ms": lat.per_layer_sum_ms if lat is not None else None,
-        "hooked_total_ms": lat.hooked_total_ms if lat is not None else None,
         "units": rows,
     }
