@@ -132,30 +132,6 @@ def _entries(backbone, variants: Sequence[str], preset: str | None) -> list:
     return out
 
 
-def _latency_settings(analyze, bb, entries, repeats: int, warmup: int) -> tuple[dict[str, Any], dict[str, float]]:
-    """Make ``analyze`` time latency with ``repeats`` / ``warmup``.
-
-    When ``analyze`` takes ``latency_repeats`` / ``latency_warmup``, they are passed through.
-    Otherwise each model's profile is measured here with these settings through
-    ``viz.analysis.cached_profile`` (the cache ``analyze`` reads, keyed by model, device, input
-    size and latency on/off), and the seconds spent are returned per label for the timings.
-    """
-    import inspect
-
-    params = inspect.signature(analyze).parameters
-    if "latency_repeats" in params and "latency_warmup" in params:
-        return {"latency_repeats": repeats, "latency_warmup": warmup}, {}
-    from viz.analysis import cached_profile
-
-    spent: dict[str, float] = {}
-    for e in entries:
-        t = time.perf_counter()
-        with e.lock:
-            cached_profile(e.model, int(bb.input_size), device=bb.device, latency=True, repeats=repeats, warmup=warmup)
-        spent[e.label] = time.perf_counter() - t
-    return {}, spent
-
-
 def cmd_analyze(args: argparse.Namespace) -> int:
     from viz.analysis import analyze
     from viz.report import write_report
@@ -179,18 +155,11 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         if not args.quiet:
             print(f"[{f:4.0%}] {msg}", file=sys.stderr)
 
-    kw: dict[str, Any] = {}
-    pre_profile: dict[str, float] = {}
-    latency = not args.no_profile and not args.no_latency
     try:
-        if latency:
-            kw, pre_profile = _latency_settings(analyze, bb, entries, args.repeats, args.warmup)
         a = analyze(images, bb, entries, layers=_split(args.layers) or None, target=args.target, topk=args.topk,
                     erf=not args.no_erf, redundancy=not args.no_redundancy, profile=not args.no_profile,
-                    latency=not args.no_latency, erf_layer=args.erf_layer, progress=progress, **kw)
-        for m in a.models:  # the profile measured ahead of analyze() belongs to its timings
-            if m.label in pre_profile:
-                m.timings["profile"] = m.timings.get("profile", 0.0) + pre_profile[m.label]
+                    latency=not args.no_latency, erf_layer=args.erf_layer, progress=progress,
+                    latency_repeats=args.repeats, latency_warmup=args.warmup)
         # where the rest of the run went: loading the backbone and building the swapped models
         a.timings.update({"load_backbone": t_backbone, "prepare_models": t_prepare})
     except (KeyError, ValueError) as e:
