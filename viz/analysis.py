@@ -590,8 +590,9 @@ def analyze(
         results.append(res)
 
     cka: dict[str, dict[str, float]] = {}
-    t_cka = time.perf_counter()
+    global_timings = {"load": t_load}
     if redundancy and len(results) > 1:
+        t = time.perf_counter()
         try:
             from viz.redundancy import linear_cka_many
 
@@ -613,6 +614,7 @@ def analyze(
                 raise
             for r in results:
                 r.errors["cka"] = f"{type(e).__name__}: {e}"
+        global_timings["cka"] = time.perf_counter() - t
     report(1.0, "done")
     weights = backbone.weights.to_dict() if hasattr(getattr(backbone, "weights", None), "to_dict") else {}
     return Analysis(
@@ -628,6 +630,5 @@ def analyze(
         models=results,
         cka=cka,
         erf_layer=erf_at if erf else None,
-        timings={"load": t_load, "cka": time.perf_counter() - t_cka} if redundancy and len(results) > 1
-        else {"load": t_load},
+        timings=global_timings,
     )
