@@ -102,6 +102,15 @@ def _short(message: Any, limit: int = 200) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+def _error_items(errors: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """``ModelResult.errors`` as ``[(what, message)]``: "gradcam/layer4" -> "Grad-CAM at layer4"."""
+    out = []
+    for k, v in errors.items():
+        phase, _, where = str(k).partition("/")
+        out.append((_PHASE_WORDS.get(phase, phase) + (f" at {where}" if where else ""), _short(v)))
+    return out
+
+
 def banners(report: Mapping[str, Any]) -> list[tuple[str, str]]:
     """Warnings the user must see at a glance: ``[(level, text)]`` with level ``"warn"`` or ``"info"``.
 
@@ -125,9 +134,7 @@ def banners(report: Mapping[str, Any]) -> list[tuple[str, str]]:
                                 "convs, or load trained weights."))
         errors = m.get("errors") or {}
         if errors:
-            parts = "; ".join(f"{_PHASE_WORDS.get(str(k).split('/')[0], str(k))}"
-                              f"{' at ' + str(k).split('/', 1)[1] if '/' in str(k) else ''}: {_short(v)}"
-                              for k, v in errors.items())
+            parts = "; ".join(f"{what}: {msg}" for what, msg in _error_items(errors))
             out.append(("warn", f"{variant}: some panels could not be computed, so they are empty or partial "
                                 f"for this model — {parts}"))
         if m.get("variant") != "conv" and not m.get("swapped"):
@@ -189,9 +196,7 @@ def model_card_html(m: Mapping[str, Any]) -> str:
     errors = m.get("errors") or {}
     errors_html = ""
     if errors:
-        items = "".join(f"<li>{html.escape(_PHASE_WORDS.get(str(k).split('/')[0], str(k)))}"
-                        f"{html.escape(' at ' + str(k).split('/', 1)[1]) if '/' in str(k) else ''}: "
-                        f"{html.escape(_short(v))}</li>" for k, v in errors.items())
+        items = "".join(f"<li>{html.escape(what)}: {html.escape(msg)}</li>" for what, msg in _error_items(errors))
         errors_html = (f'<div class="pc-banner pc-warn pc-errors">Not computed for this model:'
                        f"<ul>{items}</ul></div>")
     return (
