@@ -172,12 +172,11 @@ MODE_TEXT = {
 }
 
 
-def _latency_cell(m: dict[str, Any], cost: dict[str, Any] | None) -> str:
+def _latency_cell(m: dict[str, Any]) -> str:
     """Whole-model latency with the sum of the per-layer latencies beside it (analysis.md §2)."""
     if m.get("latency_ms") is None:
         return ""
-    lat = (cost or {}).get("latency") or {}
-    per_sum = m.get("latency_per_layer_sum_ms", lat.get("per_layer_sum_ms"))
+    per_sum = m.get("latency_per_layer_sum_ms")
     cell = f"{m['latency_ms']:.2f}"
     if per_sum is not None:
         cell += f"<br><span class='small'>Σ layers {per_sum:.2f} (hooked)</span>"
@@ -207,7 +206,6 @@ def render_html(analysis: Analysis, d: dict[str, Any], out: Path, *, mode: str =
     e = html.escape
     n_img = int(d.get("n_images") or len(getattr(analysis, "images", ()) or ()) or 1)
     which = f" — showing image 1 of {n_img}" if n_img > 1 else ""
-    costs = {m.label: m.cost for m in analysis.models}
     has_deploy = any(m.get("deploy") for m in d["models"])
     parts = [
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
@@ -232,7 +230,7 @@ def render_html(analysis: Analysis, d: dict[str, Any], out: Path, *, mode: str =
         prov = ", ".join(sorted(set(m["provenance"].values()))) or "unchanged"
         fl = "" if m["flops"] is None else f"{m['flops'] / 1e9:.3f} G"
         pr = "" if m["params"] is None else f"{m['params'] / 1e6:.3f} M"
-        la = _latency_cell(m, costs.get(m["label"]))
+        la = _latency_cell(m)
         dep = f"<td class='small'>{_deploy_cell(m)}</td>" if has_deploy else ""
         parts.append(f"<tr><td>{e(m['label'])}</td><td>{len(m['swapped'])}</td><td class='small'>{skipped}</td>"
                      f"<td>{e(prov)}</td><td class='small'>{top}</td><td>{pr}</td><td>{fl}</td><td>{la}</td>{dep}</tr>")
